@@ -1,0 +1,54 @@
+# Two entry points: `make demo` and `make test`. Each does its own set-up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+XVFB := xvfb-run -a -s "-screen 0 1920x1080x24"
+export QT_QPA_PLATFORM ?= xcb
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: demo test lint bench system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# transformers' SAM3 image processor needs torchvision; this pair is the one
+	# that installs together here (see README, "Installing").
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+# Xvfb and the X/GL libraries Qt needs (Debian); only when missing.
+system-deps:
+	@if ! command -v xvfb-run >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    xvfb xauth libgl1 libegl1 libgl1-mesa-dri libglib2.0-0 libfontconfig1 fonts-dejavu-core libdbus-1-3 \
+	    libxkbcommon0 libxkbcommon-x11-0 libx11-xcb1 libxcb-cursor0 libxcb-icccm4 libxcb-image0 \
+	    libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xfixes0 libxcb-xkb1 >/dev/null; \
+	fi
+
+demo: $(STAMP)
+	@if [ -n "$$DISPLAY" ] || [ -n "$$WAYLAND_DISPLAY" ]; then \
+	  $(VENV)/bin/napari-sam3 view --sample; \
+	else \
+	  echo "No display found: running the demo under Xvfb and saving a screenshot to demo.png"; \
+	  $(MAKE) --no-print-directory system-deps; \
+	  $(XVFB) $(VENV)/bin/napari-sam3 view --sample --screenshot demo.png; \
+	fi
+
+test: $(STAMP) system-deps
+	$(VENV)/bin/ruff check src tests benchmarks
+	mkdir -p -m 0700 /tmp/runtime-$$(id -u)
+	XDG_RUNTIME_DIR=/tmp/runtime-$$(id -u) $(XVFB) $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_click.py
+	$(PY) benchmarks/bench_import.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

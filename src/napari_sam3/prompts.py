@@ -1,0 +1,121 @@
+"""Prompts for one object, in NumPy/napari (row, col) pixel coordinates.
+
+This module is the one place where (row, col) becomes SAM's (x, y): see
+:func:`rowcol_to_xy` and :func:`box_to_xyxy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used (outside the image, malformed, empty)."""
+
+
+@dataclass
+class ObjectPrompt:
+    """Prompts for one object.
+
+    Parameters
+    ----------
+    points
+        ``[(row, col), ...]`` pixel coordinates of clicks.
+    point_labels
+        One per point: 1 positive (inside the object), 0 negative (outside).
+        Defaults to all positive.
+    box
+        ``(row0, col0, row1, col1)``: two opposite corners of a rectangle.
+    mask
+        A boolean (or 0/1) array the size of the image: a previous mask to refine.
+    """
+
+    points: Sequence[Sequence[float]] = field(default_factory=list)
+    point_labels: Sequence[int] | None = None
+    box: Sequence[float] | None = None
+    mask: np.ndarray | None = None
+
+    def __post_init__(self):
+        pts = np.asarray(self.points, dtype=np.float64).reshape(-1, 2) if len(self.points) else (
+            np.zeros((0, 2))
+        )
+        self.points = pts
+        if self.point_labels is None:
+            labels = np.ones(len(pts), dtype=np.int64)
+        else:
+            labels = np.asarray(self.point_labels, dtype=np.int64).reshape(-1)
+        if len(labels) != len(pts):
+            raise PromptError(f"{len(pts)} points but {len(labels)} point labels")
+        if not np.isin(labels, (0, 1)).all():
+            raise PromptError("point labels must be 1 (positive) or 0 (negative)")
+        self.point_labels = labels
+        if self.box is not None:
+            box = np.asarray(self.box, dtype=np.float64).reshape(-1)
+            if box.shape != (4,):
+                raise PromptError("a box is (row0, col0, row1, col1)")
+            r0, c0, r1, c1 = box
+            self.box = np.array([min(r0, r1), min(c0, c1), max(r0, r1), max(c0, c1)])
+        if self.mask is not None:
+            self.mask = np.asarray(self.mask).astype(bool)
+        if not len(pts) and self.box is None and self.mask is None:
+            raise PromptError("an object needs at least one point, a box or a mask")
+
+    @property
+    def uses_multimask(self) -> bool:
+        """One point and no box: ambiguous, so pick the best of SAM's three masks."""
+        return len(self.points) == 1 and self.box is None and self.mask is None
+
+    def check_inside(self, shape: tuple[int, int]) -> None:
+        """Raise :class:`PromptError` if a point or box lies outside an image of ``shape``."""
+        h, w = shape
+        for r, c in self.points:
+            if not (0 <= r < h and 0 <= c < w):
+                raise PromptError(f"point (row {r:g}, col {c:g}) is outside the {h}x{w} image")
+        if self.box is not None:
+            r0, c0, r1, c1 = self.box
+            if r1 < 0 or c1 < 0 or r0 >= h or c0 >= w:
+                raise PromptError(
+                    f"box (rows {r0:g}-{r1:g}, cols {c0:g}-{c1:g}) is outside the {h}x{w} image"
+                )
+        if self.mask is not None and self.mask.shape != tuple(shape):
+            raise PromptError(f"mask shape {self.mask.shape} differs from the image {h}x{w}")
+
+    def shifted(self, row0: float, col0: float) -> ObjectPrompt:
+        """The same prompt in a frame whose origin is (row0, col0) of this one."""
+        off = np.array([row0, col0])
+        return ObjectPrompt(
+            points=self.points - off if len(self.points) else [],
+            point_labels=self.point_labels,
+            box=None if self.box is None else self.box - np.tile(off, 2),
+            mask=self.mask,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ObjectPrompt:
+        """From the JSON form ``{"points": [[row, col]], "labels": [1], "box": [r0, c0, r1, c1]}``."""
+        if not isinstance(d, dict):
+            raise PromptError("each object must be a JSON object with points/labels/box")
+        unknown = set(d) - {"points", "labels", "box", "slice"}
+        if unknown:
+            raise PromptError(f"unknown prompt keys: {', '.join(sorted(unknown))}")
+        try:
+            return cls(points=d.get("points") or [], point_labels=d.get("labels"), box=d.get("box"))
+        except (TypeError, ValueError) as e:
+            raise PromptError(str(e)) from None
+
+
+def rowcol_to_xy(points_rc: np.ndarray) -> list[list[float]]:
+    """(row, col) -> SAM (x, y) = (col, row). The only place this swap happens."""
+    pts = np.asarray(points_rc, dtype=np.float64).reshape(-1, 2)
+    return pts[:, ::-1].tolist()
+
+
+def box_to_xyxy(box_rc: np.ndarray) -> list[float]:
+    """(row0, col0, row1, col1) -> SAM (x0, y0, x1, y1)."""
+    r0, c0, r1, c1 = (float(v) for v in box_rc)
+    x0, y0 = rowcol_to_xy([[r0, c0]])[0]
+    x1, y1 = rowcol_to_xy([[r1, c1]])[0]
+    return [x0, y0, x1, y1]

@@ -1,0 +1,69 @@
+"""Tiny random SAM3 checkpoints for tests and benchmarks (no download).
+
+They are built from transformers' config classes, saved with
+``save_pretrained`` (safetensors) and loaded back through the package's own
+loading code, exactly like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_IMAGE_SIZE = 112
+
+
+def tiny_tracker_config(image_size: int = TINY_IMAGE_SIZE):
+    from transformers import (
+        Sam3TrackerConfig,
+        Sam3TrackerMaskDecoderConfig,
+        Sam3TrackerPromptEncoderConfig,
+        Sam3VisionConfig,
+        Sam3ViTConfig,
+    )
+
+    patch = 14
+    grid = image_size // patch  # 8 for 112
+    vit = Sam3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, image_size=image_size, patch_size=patch,
+                        window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
+    vision = Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=32,
+                              backbone_feature_sizes=[[grid * 4] * 2, [grid * 2] * 2, [grid] * 2])
+    return Sam3TrackerConfig(
+        vision_config=vision,
+        prompt_encoder_config=Sam3TrackerPromptEncoderConfig(hidden_size=32,
+                                                             image_size=image_size,
+                                                             patch_size=patch),
+        mask_decoder_config=Sam3TrackerMaskDecoderConfig(hidden_size=32, mlp_dim=64),
+    )
+
+
+def full_tracker_config():
+    """The full-size SAM3 tracker architecture (random weights; for benchmarks)."""
+    from transformers import Sam3TrackerConfig
+
+    return Sam3TrackerConfig()
+
+
+def save_random_tracker(folder, config=None, seed: int = 0) -> Path:
+    """Build a random Sam3TrackerModel (+ processor) and save it to ``folder``.
+
+    ``no_memory_embedding`` is set to random values: a fresh model has zeros,
+    which would hide whether it is added to the right feature level.
+    """
+    import torch
+    from transformers import Sam3ImageProcessor, Sam3TrackerModel, Sam3TrackerProcessor
+
+    config = config or tiny_tracker_config()
+    torch.manual_seed(seed)
+    model = Sam3TrackerModel(config).eval()
+    with torch.no_grad():
+        model.no_memory_embedding.normal_(0.0, 1.0)
+    side = config.vision_config.backbone_config.image_size
+    processor = Sam3TrackerProcessor(
+        image_processor=Sam3ImageProcessor(size={"height": side, "width": side})
+    )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
