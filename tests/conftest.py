@@ -21,10 +21,14 @@ def tiny_tracker_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_segmenter(tiny_tracker_dir):
-    """A Sam3Segmenter loaded from the tiny checkpoint through ``from_pretrained``."""
+    """A Sam3Segmenter loaded from the tiny checkpoint through ``from_pretrained``.
+
+    The tiny model's input is 112 px; a 1024 px tile keeps test images untiled, as
+    SAM3's 1008 px tiles keep ordinary images untiled.
+    """
     from napari_sam3 import Sam3Segmenter
 
-    return Sam3Segmenter.from_pretrained(str(tiny_tracker_dir), device="cpu")
+    return Sam3Segmenter.from_pretrained(str(tiny_tracker_dir), device="cpu", tile_size=1024)
 
 
 @pytest.fixture

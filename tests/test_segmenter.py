@@ -123,7 +123,7 @@ def test_swapped_axes_give_other_masks(tiny_segmenter, reference, asym_image):
 
 
 def test_embedding_reused(tiny_tracker_dir, asym_image):
-    seg = Sam3Segmenter.from_pretrained(str(tiny_tracker_dir), device="cpu")
+    seg = Sam3Segmenter.from_pretrained(str(tiny_tracker_dir), device="cpu", tile_size=1024)
     seg.segment(asym_image, [ObjectPrompt(points=[(5, 5)])])
     seg.segment(asym_image, [ObjectPrompt(points=[(50, 5)]), ObjectPrompt(box=(1, 1, 9, 9))])
     assert seg.encoder_calls == 1

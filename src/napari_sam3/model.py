@@ -6,6 +6,7 @@ module (and napari's start-up) stays light.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 DEFAULT_MODEL = "facebook/sam3"
@@ -99,3 +100,34 @@ def load_tracker(model: str = DEFAULT_MODEL, device: str = "cpu", dtype=None):
             image_processor=Sam3ImageProcessor(size={"height": side, "width": side})
         )
     return net, processor
+
+
+_WEIGHT_HASHES: dict[tuple, str] = {}
+
+
+def _file_hash(path: Path) -> str:
+    """blake2b of a weights file, memoised per (path, size, mtime) in this process."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _WEIGHT_HASHES:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        _WEIGHT_HASHES[memo] = h.hexdigest()
+    return _WEIGHT_HASHES[memo]
+
+
+def model_fingerprint(source: str, net) -> dict:
+    """What identifies the weights: id, hub revision, config hash, weights hash (local)."""
+    config_json = net.config.to_json_string(use_diff=False)
+    fp = {
+        "id": str(source),
+        "revision": getattr(net.config, "_commit_hash", None),
+        "config": hashlib.blake2b(config_json.encode(), digest_size=16).hexdigest(),
+        "class": type(net).__name__,
+    }
+    local = Path(str(source)).expanduser()
+    if local.is_dir():
+        fp["weights"] = {p.name: _file_hash(p) for p in sorted(local.glob("*.safetensors"))}
+    return fp

@@ -28,8 +28,19 @@ def is_channels_last(image: np.ndarray) -> bool:
     return image.ndim == 3 and image.shape[-1] in (2, 3, 4)
 
 
+def _sample(image, window: int = 512, grid: int = 4) -> np.ndarray:
+    """Pixels of a large lazy 2D(+C) array-like: a grid of windows, never the whole image."""
+    h, w = image.shape[:2]
+    if h * w <= _SAMPLE_PIXELS or isinstance(image, np.ndarray):
+        return np.asarray(image)
+    rows = np.linspace(0, max(h - window, 0), grid).astype(int)
+    cols = np.linspace(0, max(w - window, 0), grid).astype(int)
+    return np.concatenate([np.asarray(image[r:r + window, c:c + window]).reshape(
+        (-1,) + tuple(image.shape[2:])) for r in rows for c in cols])
+
+
 def robust_limits(image, percentiles=PERCENTILES) -> tuple[float, float]:
-    """Percentile limits of an array-like, on a strided subsample of large data."""
+    """Percentile limits of an array-like, on a subsample of large data."""
     arr = np.asarray(image)
     if arr.size > _SAMPLE_PIXELS:
         step = int(np.ceil((arr.size / _SAMPLE_PIXELS) ** 0.5))
@@ -41,6 +52,20 @@ def robust_limits(image, percentiles=PERCENTILES) -> tuple[float, float]:
     if hi <= lo:
         hi = lo + 1.0
     return float(lo), float(hi)
+
+
+def image_limits(image, limits=None):
+    """The limits to use for every tile of ``image``: None for uint8 RGB (unchanged),
+    else ``limits`` as given or per-channel robust limits from a sample of the image."""
+    channels_last = len(image.shape) == 3 and image.shape[-1] in (2, 3, 4)
+    if channels_last and image.dtype == np.uint8 and image.shape[-1] in (3, 4):
+        return None
+    if limits is not None:
+        return limits
+    sample = _sample(image)
+    if not channels_last:
+        return robust_limits(sample)
+    return [robust_limits(sample[..., i]) for i in range(min(3, image.shape[-1]))]
 
 
 def to_uint8(channel: np.ndarray, limits: tuple[float, float]) -> np.ndarray:

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cache import MemoryLRU, content_key
-from .model import DEFAULT_MODEL, load_tracker, resolve_device
-from .normalize import to_rgb_uint8
-from .postprocess import DEFAULTS, masks_to_labels
+from .embedding_store import EmbeddingStore
+from .model import DEFAULT_MODEL, load_tracker, model_fingerprint, resolve_device
+from .normalize import image_limits, to_rgb_uint8
+from .postprocess import DEFAULTS, paste_objects
 from .prompts import ObjectPrompt, PromptError, box_to_xyxy, rowcol_to_xy
+from .tiling import Tile, TileGrid, pad_to
 
 _MASK_EPS = 1e-3  # binary mask prompt -> logits of about +-6.9, as micro-sam does
 
@@ -71,28 +73,75 @@ def add_no_memory_embedding(model, pixel_values):
     return emb
 
 
+@dataclass
+class ObjectMask:
+    """One object's result on a large image: logits over ``region`` of the image."""
+
+    region: tuple[slice, slice]
+    logits: np.ndarray  # float32, shape of the region; the mask is logits > 0
+    iou_score: float
+    object_score: float
+
+
+def prompt_bbox(prompt: ObjectPrompt) -> tuple[float, float, float, float]:
+    """(row0, col0, row1, col1) around all of an object's points, box and mask."""
+    rows, cols = [], []
+    if len(prompt.points):
+        rows += list(prompt.points[:, 0])
+        cols += list(prompt.points[:, 1])
+    if prompt.box is not None:
+        rows += [prompt.box[0], prompt.box[2]]
+        cols += [prompt.box[1], prompt.box[3]]
+    if prompt.mask is not None and prompt.mask.any():
+        rr, cc = np.nonzero(prompt.mask)
+        rows += [rr.min(), rr.max()]
+        cols += [cc.min(), cc.max()]
+    return min(rows), min(cols), max(rows), max(cols)
+
+
 class Sam3Segmenter:
     """SAM3 point/box/mask segmentation with cached image embeddings.
 
     Build with :meth:`from_pretrained`. Coordinates are NumPy/napari (row, col).
+    Images larger than ``tile_size`` are split into overlapping tiles that are
+    encoded lazily, when a prompt needs them (see :mod:`napari_sam3.tiling`).
     """
 
     def __init__(self, model, processor, device: str = "cpu", cache_bytes: int = 2 << 30,
-                 model_id: str = ""):
+                 model_id: str = "", store: EmbeddingStore | None = None,
+                 tile_size: int | None = None, overlap: int | None = None,
+                 fingerprint: dict | None = None):
         self.model = model
         self.processor = processor
         self.device = device
         self.model_id = model_id
+        self.fingerprint = fingerprint or {"id": model_id}
         self.memory = MemoryLRU(cache_bytes, lambda e: e.nbytes)
+        self.store = store
+        self.tile_size = int(tile_size or self.input_size)
+        self.overlap = int(self.tile_size // 4 if overlap is None else overlap)
+        TileGrid((1, 1), self.tile_size, self.overlap)  # validates the settings
         self.encoder_calls = 0
 
     @classmethod
-    def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "auto", dtype=None,
-                        cache_bytes: int = 2 << 30) -> Sam3Segmenter:
-        """Load a SAM3 tracker from a hub id (default ``facebook/sam3``) or a local folder."""
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "auto", dtype=None, *,
+                        cache=None, cache_dtype: str = "float16", cache_bytes: int = 2 << 30,
+                        tile_size: int | None = None, overlap: int | None = None,
+                        on_cache_warning=None) -> Sam3Segmenter:
+        """Load a SAM3 tracker from a hub id (default ``facebook/sam3``) or a local folder.
+
+        ``cache``: a folder for the Zarr embedding cache (None: memory only);
+        ``cache_dtype``: float16 (default, half the disk) or float32 (exact);
+        ``cache_bytes``: bound of the in-memory LRU of recent tiles;
+        ``tile_size``/``overlap``: tiling of large images (default: the model's input
+        size, and a quarter of the tile).
+        """
         dev = resolve_device(device)
         net, processor = load_tracker(model, dev, dtype)
-        return cls(net, processor, dev, cache_bytes=cache_bytes, model_id=str(model))
+        store = None if cache is None else EmbeddingStore(cache, cache_dtype, on_cache_warning)
+        return cls(net, processor, dev, cache_bytes=cache_bytes, model_id=str(model),
+                   store=store, tile_size=tile_size, overlap=overlap,
+                   fingerprint=model_fingerprint(str(model), net))
 
     # -- encoding ---------------------------------------------------------------------------
     @property
@@ -104,28 +153,62 @@ class Sam3Segmenter:
     def dtype(self):
         return self.model.dtype
 
+    def tiles(self, image) -> TileGrid:
+        """The tile grid used for ``image`` (one tile when it fits in ``tile_size``)."""
+        return TileGrid(image.shape[:2], self.tile_size, self.overlap)
+
+    @staticmethod
+    def resolve_limits(image, limits=None):
+        """The intensity limits used for every tile of ``image`` (see ``normalize``)."""
+        return image_limits(image, limits)
+
     def prepare(self, image, limits=None) -> np.ndarray:
         """The (H, W, 3) uint8 image the processor receives (see ``normalize``)."""
         return to_rgb_uint8(image, limits)
 
     def embedding_key(self, rgb: np.ndarray) -> str:
-        return content_key(rgb, self.model_id, self.input_size, str(self.dtype))
+        storage = self.store.storage_dtype.name if self.store is not None else "memory"
+        return content_key(rgb, self.fingerprint, self.input_size, str(self.dtype), storage)
 
-    def cached_embedding(self, image, limits=None) -> ImageEmbedding | None:
-        """The embedding of ``image`` if it is cached, without encoding."""
-        rgb = self.prepare(image, limits)
-        return self.memory.get(self.embedding_key(rgb))
-
-    def encode(self, image, limits=None) -> ImageEmbedding:
-        """Encode an image, or return its cached embedding."""
-        rgb = self.prepare(image, limits)
+    def _lookup(self, rgb: np.ndarray) -> tuple[str, ImageEmbedding | None]:
         key = self.embedding_key(rgb)
         hit = self.memory.get(key)
+        if hit is None and self.store is not None:
+            feats = self.store.get(key)
+            if feats is not None:
+                hit = self._to_embedding(key, feats, rgb.shape[:2])
+                self.memory.put(key, hit)
+        return key, hit
+
+    def _to_embedding(self, key, feats, shape) -> ImageEmbedding:
+        import torch
+
+        tensors = [torch.from_numpy(np.asarray(f))[None].to(self.device, self.dtype)
+                   for f in feats]
+        return ImageEmbedding(key=key, features=tensors, image_shape=tuple(shape))
+
+    def embed_rgb(self, rgb: np.ndarray, meta: dict | None = None) -> ImageEmbedding:
+        """The embedding of an (H, W, 3) uint8 image: memory, then disk, then the encoder."""
+        key, hit = self._lookup(rgb)
         if hit is not None:
             return hit
         emb = self.encode_rgb(rgb, key)
+        if self.store is not None:
+            feats = [f[0].float().cpu().numpy() for f in emb.features]
+            meta = {"model": self.fingerprint, "input_size": self.input_size,
+                    "compute_dtype": str(self.dtype), "image_shape": list(rgb.shape[:2]),
+                    **(meta or {})}
+            emb = self._to_embedding(key, self.store.put(key, feats, meta), rgb.shape[:2])
         self.memory.put(key, emb)
         return emb
+
+    def cached_embedding(self, image, limits=None) -> ImageEmbedding | None:
+        """The embedding of ``image`` if it is cached (memory or disk), without encoding."""
+        return self._lookup(self.prepare(image, limits))[1]
+
+    def encode(self, image, limits=None) -> ImageEmbedding:
+        """Encode a whole image (resized to the model input), or return its cached embedding."""
+        return self.embed_rgb(self.prepare(image, limits), {"limits": _limits_meta(limits)})
 
     def encode_rgb(self, rgb: np.ndarray, key: str = "") -> ImageEmbedding:
         """Run the image encoder on an (H, W, 3) uint8 image (no cache)."""
@@ -138,10 +221,33 @@ class Sam3Segmenter:
         self.encoder_calls += 1
         return ImageEmbedding(key=key, features=feats, image_shape=tuple(rgb.shape[:2]))
 
+    def tile_rgb(self, image, grid: TileGrid, tile: Tile, limits) -> np.ndarray:
+        """The model's view of one tile: normalised with the image's limits, zero-padded."""
+        return pad_to(self.prepare(grid.read(image, tile), limits), grid.padded_shape(tile))
+
+    def encode_tile(self, image, grid: TileGrid, tile: Tile, limits) -> ImageEmbedding:
+        meta = {"limits": _limits_meta(limits), "tile": [tile.r0, tile.c0, tile.r1, tile.c1],
+                "tile_size": grid.tile_size, "overlap": grid.overlap}
+        return self.embed_rgb(self.tile_rgb(image, grid, tile, limits), meta)
+
+    def precompute(self, image, limits=None, region=None):
+        """Encode every tile of ``image`` (or those meeting ``region`` = (r0, c0, r1, c1)).
+
+        A generator yielding ``(done, total, encoded)`` after each tile, so callers can
+        show progress and stop between tiles; tiles already cached are not encoded.
+        """
+        limits = self.resolve_limits(image, limits)
+        grid = self.tiles(image)
+        todo = grid.tiles_in(region)
+        for i, tile in enumerate(todo, 1):
+            before = self.encoder_calls
+            self.encode_tile(image, grid, tile, limits)
+            yield i, len(todo), self.encoder_calls > before
+
     # -- decoding ---------------------------------------------------------------------------
     def predict(self, embedding: ImageEmbedding, prompts: Sequence[ObjectPrompt]
                 ) -> list[MaskPrediction]:
-        """Decode each object's mask from a cached embedding.
+        """Decode each object's mask from one embedding (prompts in its image frame).
 
         An object with exactly one point and no box/mask uses multimask output and
         keeps the mask with the highest predicted IoU; every other object uses
@@ -161,6 +267,37 @@ class Sam3Segmenter:
             for i, pred in zip(idx, self._decode_group(embedding, [prompts[i] for i in idx]),
                                strict=True):
                 results[i] = pred
+        return results
+
+    def predict_objects(self, image, prompts: Sequence[ObjectPrompt], limits=None
+                        ) -> list[ObjectMask]:
+        """Each object's mask logits over the tile that holds its prompts.
+
+        Works on NumPy, Zarr and dask arrays; only the tiles that prompts touch are read
+        and encoded. ``limits`` as in :func:`normalize.image_limits`.
+        """
+        prompts = [p if isinstance(p, ObjectPrompt) else ObjectPrompt(**p) for p in prompts]
+        shape = tuple(image.shape[:2])
+        for p in prompts:
+            p.check_inside(shape)
+        grid = self.tiles(image)
+        if grid.single:
+            emb = self.encode(image, limits)
+            return [ObjectMask((slice(0, shape[0]), slice(0, shape[1])), pr.logits,
+                               pr.iou_score, pr.object_score)
+                    for pr in self.predict(emb, prompts)]
+        limits = self.resolve_limits(image, limits)
+        by_tile: dict[Tile, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_tile.setdefault(grid.route(prompt_bbox(p)), []).append(i)
+        results: list[ObjectMask | None] = [None] * len(prompts)
+        for tile, idx in by_tile.items():
+            emb = self.encode_tile(image, grid, tile, limits)
+            local = [_to_tile_frame(prompts[i], tile, grid.padded_shape(tile)) for i in idx]
+            h, w = tile.shape
+            for i, pr in zip(idx, self.predict(emb, local), strict=True):
+                results[i] = ObjectMask(tile.slices, pr.logits[:h, :w], pr.iou_score,
+                                        pr.object_score)
         return results
 
     def _prompt_tensors(self, shape, prompts: Sequence[ObjectPrompt]) -> dict:
@@ -212,23 +349,43 @@ class Sam3Segmenter:
     def segment(self, image, prompts: Sequence[ObjectPrompt], *,
                 max_hole_area: int = DEFAULTS.max_hole_area,
                 max_sprinkle_area: int = DEFAULTS.max_sprinkle_area,
-                limits=None) -> np.ndarray:
+                limits=None, out=None) -> np.ndarray:
         """Labels for ``prompts`` on ``image``: int32, 0 background, object i -> id i+1.
 
-        ``image`` is (H, W) or (H, W, C). Repeated calls on the same image reuse
-        its embedding. Overlaps go to the object with the highest mask logit.
+        ``image`` is (H, W) or (H, W, C), NumPy or lazy (Zarr, dask). Repeated calls on
+        the same image reuse its embeddings. Overlaps go to the object with the highest
+        mask logit. ``out``: an existing (H, W) array (e.g. Zarr) to write into, region
+        by region, instead of allocating the whole label image.
         """
         prompts = [p if isinstance(p, ObjectPrompt) else ObjectPrompt(**p) for p in prompts]
-        image = np.asarray(image)
-        shape = image.shape[:2]
-        if not prompts:
-            return np.zeros(shape, dtype=np.int32)
-        for p in prompts:
-            p.check_inside(shape)
-        emb = self.encode(image, limits)
-        preds = self.predict(emb, prompts)
-        return masks_to_labels(np.stack([p.logits for p in preds]),
-                               max_hole_area=max_hole_area, max_sprinkle_area=max_sprinkle_area)
+        shape = tuple(image.shape[:2])
+        objects = self.predict_objects(image, prompts, limits) if prompts else []
+        if out is None:
+            out = np.zeros(shape, dtype=np.int32)
+        paste_objects(out, [(o.region, o.logits) for o in objects],
+                      max_hole_area=max_hole_area, max_sprinkle_area=max_sprinkle_area)
+        return out
 
 
-__all__ = ["Sam3Segmenter", "ImageEmbedding", "MaskPrediction", "PromptError"]
+def _to_tile_frame(prompt: ObjectPrompt, tile: Tile, padded_shape) -> ObjectPrompt:
+    local = prompt.shifted(tile.r0, tile.c0)
+    if prompt.mask is not None:
+        crop = np.zeros(padded_shape, dtype=bool)
+        h, w = tile.shape
+        crop[:h, :w] = prompt.mask[tile.slices]
+        local.mask = crop
+    if local.box is not None:  # a box sticking out of the tile is clipped to it
+        h, w = tile.shape
+        local.box = np.clip(local.box, 0, [h - 1, w - 1, h - 1, w - 1])
+    if len(local.points):
+        keep = ((local.points >= 0) & (local.points < tile.shape)).all(axis=1)
+        if keep.any():
+            local.points, local.point_labels = local.points[keep], local.point_labels[keep]
+    return local
+
+
+def _limits_meta(limits):
+    return None if limits is None else np.asarray(limits, dtype=float).tolist()
+
+
+__all__ = ["Sam3Segmenter", "ImageEmbedding", "MaskPrediction", "ObjectMask", "PromptError"]

@@ -1,0 +1,133 @@
+"""Overlapping square tiles over a 2D image, and routing objects to tiles.
+
+NumPy only. A tile is ``tile_size`` pixels square, the model's input size by
+default, so tiles are encoded at native resolution. Neighbouring tiles overlap
+by ``overlap`` pixels; the last tile of a row or column sits flush with the
+image edge. An image that fits in one tile is not tiled (it goes to the model
+whole, as transformers would do). Along an axis shorter than a tile, tiles are
+padded with zeros to the square the model expects.
+
+An object goes to the tile that contains its prompts with the most margin to
+a seam (an edge shared with another tile; image borders do not count). So any
+object whose extent from its prompts is under ``overlap / 2`` on every side
+comes out whole from one tile: a round cell of diameter up to ``overlap``
+clicked near its centre is never cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_TILE = 1008  # SAM3's input size: no resampling inside a tile
+DEFAULT_OVERLAP = DEFAULT_TILE // 4  # 252: cells up to ~250 px across are never cut
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: rows ``r0:r1`` and columns ``c0:c1`` of the image (before padding)."""
+
+    index: tuple[int, int]
+    r0: int
+    c0: int
+    r1: int
+    c1: int
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.r0, self.r1), slice(self.c0, self.c1)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.r1 - self.r0, self.c1 - self.c0
+
+    def intersects(self, region) -> bool:
+        r0, c0, r1, c1 = region
+        return self.r0 < r1 and r0 < self.r1 and self.c0 < c1 and c0 < self.c1
+
+
+def _starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+class TileGrid:
+    """The tiles of an image of ``shape`` (H, W)."""
+
+    def __init__(self, shape, tile_size: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP):
+        h, w = (int(s) for s in shape[:2])
+        if tile_size < 16:
+            raise ValueError(f"tile size {tile_size} is too small")
+        if not 0 <= overlap < tile_size:
+            raise ValueError(f"overlap {overlap} must be >= 0 and smaller than the tile size")
+        self.shape = (h, w)
+        self.tile_size = int(tile_size)
+        self.overlap = int(overlap)
+        stride = self.tile_size - self.overlap
+        rows = _starts(h, self.tile_size, stride)
+        cols = _starts(w, self.tile_size, stride)
+        self.grid_shape = (len(rows), len(cols))
+        self.tiles = [
+            Tile((i, j), r, c, min(r + self.tile_size, h), min(c + self.tile_size, w))
+            for i, r in enumerate(rows) for j, c in enumerate(cols)
+        ]
+
+    @property
+    def single(self) -> bool:
+        """True when the whole image is one tile (no tiling, no padding)."""
+        return len(self.tiles) == 1
+
+    def padded_shape(self, tile: Tile) -> tuple[int, int]:
+        """The shape handed to the model for ``tile``."""
+        return tile.shape if self.single else (self.tile_size, self.tile_size)
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __iter__(self):
+        return iter(self.tiles)
+
+    def tiles_in(self, region=None) -> list[Tile]:
+        """Tiles that intersect ``region`` = (row0, col0, row1, col1), or all tiles."""
+        if region is None:
+            return list(self.tiles)
+        return [t for t in self.tiles if t.intersects(region)]
+
+    def margin(self, tile: Tile, bbox) -> float:
+        """Smallest distance from ``bbox`` to a seam of ``tile`` (negative: crosses it)."""
+        r0, c0, r1, c1 = bbox
+        h, w = self.shape
+        sides = []
+        if tile.r0 > 0:
+            sides.append(r0 - tile.r0)
+        if tile.r1 < h:
+            sides.append(tile.r1 - 1 - r1)
+        if tile.c0 > 0:
+            sides.append(c0 - tile.c0)
+        if tile.c1 < w:
+            sides.append(tile.c1 - 1 - c1)
+        inside = min(r0 - tile.r0, tile.r1 - 1 - r1, c0 - tile.c0, tile.c1 - 1 - c1)
+        if inside < 0:
+            return float(inside) - 1e9  # not contained: rank by how far it sticks out
+        return float(min(sides)) if sides else float("inf")
+
+    def route(self, bbox) -> Tile:
+        """The tile holding ``bbox`` (row0, col0, row1, col1) with the most margin."""
+        return max(self.tiles, key=lambda t: self.margin(t, bbox))
+
+    def read(self, image, tile: Tile) -> np.ndarray:
+        """The pixels of ``tile`` from an array-like (NumPy, Zarr, dask), not padded."""
+        return np.asarray(image[tile.slices])
+
+
+def pad_to(rgb: np.ndarray, shape) -> np.ndarray:
+    """Zero-pad an (h, w, 3) tile at the bottom/right to ``shape``."""
+    h, w = rgb.shape[:2]
+    if (h, w) == tuple(shape):
+        return rgb
+    out = np.zeros((shape[0], shape[1]) + rgb.shape[2:], dtype=rgb.dtype)
+    out[:h, :w] = rgb
+    return out
