@@ -131,3 +131,37 @@ def model_fingerprint(source: str, net) -> dict:
     if local.is_dir():
         fp["weights"] = {p.name: _file_hash(p) for p in sorted(local.glob("*.safetensors"))}
     return fp
+
+
+def load_video_tracker(model: str, device: str = "cpu", dtype=None):
+    """Load ``(Sam3TrackerVideoModel, Sam3TrackerVideoProcessor)`` for propagation.
+
+    The video model is built without its vision encoder: frames come from the image
+    tracker's embeddings (cached), so the big ViT is held once.
+    """
+    from transformers import Sam3TrackerVideoModel, Sam3TrackerVideoProcessor
+
+    model = str(model)
+    local = Path(model).expanduser()
+    source = str(local) if local.exists() else model
+    try:
+        net, info = Sam3TrackerVideoModel.from_pretrained(
+            source, dtype=resolve_dtype(dtype, device), use_safetensors=True,
+            trust_remote_code=False, remove_vision_encoder=True, output_loading_info=True)
+    except OSError as e:
+        if local.exists():
+            raise ModelLoadError(f"cannot load model '{model}': {str(e).splitlines()[0]}") from e
+        raise ModelLoadError(_offline_message(model, e)) from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"cannot load '{model}' as a SAM3 video tracker for propagation: "
+                             f"{str(e).splitlines()[0]}") from e
+    missing = [k for k in info.get("missing_keys", []) if "vision_encoder" not in k]
+    if missing:
+        raise ModelLoadError(f"'{model}' has no video-tracker memory weights ({missing[0]}, ...): "
+                             "propagation needs facebook/sam3 or a Sam3TrackerVideo checkpoint")
+    try:
+        processor = Sam3TrackerVideoProcessor.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"cannot load the video processor of '{model}': "
+                             f"{str(e).splitlines()[0]}") from e
+    return net.to(device).eval(), processor

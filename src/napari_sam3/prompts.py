@@ -52,10 +52,14 @@ class ObjectPrompt:
         if not np.isin(labels, (0, 1)).all():
             raise PromptError("point labels must be 1 (positive) or 0 (negative)")
         self.point_labels = labels
+        if not np.isfinite(pts).all():
+            raise PromptError("point coordinates must be finite numbers")
         if self.box is not None:
             box = np.asarray(self.box, dtype=np.float64).reshape(-1)
             if box.shape != (4,):
                 raise PromptError("a box is (row0, col0, row1, col1)")
+            if not np.isfinite(box).all():
+                raise PromptError("box coordinates must be finite numbers")
             r0, c0, r1, c1 = box
             self.box = np.array([min(r0, r1), min(c0, c1), max(r0, r1), max(c0, c1)])
         if self.mask is not None:

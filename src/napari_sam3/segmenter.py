@@ -27,12 +27,13 @@ class ImageEmbedding:
     """The decoder inputs of one encoded image: three feature levels, batch 1."""
 
     key: str
-    features: list  # torch tensors (1, C, h, w), on the model's device and dtype
+    raw: list  # torch tensors (1, C, h, w) on the model's device and dtype, as cached
+    features: list  # ``raw`` with the no-memory term: what the mask decoder takes
     image_shape: tuple[int, int]  # (H, W) of the encoded image
 
     @property
     def nbytes(self) -> int:
-        return sum(f.numel() * f.element_size() for f in self.features)
+        return sum(f.numel() * f.element_size() for f in self.raw + self.features[-1:])
 
 
 @dataclass
@@ -44,18 +45,19 @@ class MaskPrediction:
     object_score: float  # > 0: SAM thinks an object is present
 
 
-def add_no_memory_embedding(model, pixel_values):
-    """``model.get_image_embeddings`` with the no-memory term on the decoder's last level.
+def image_features(model, pixel_values) -> list:
+    """The decoder's three feature levels of an image, without the no-memory term.
 
     transformers 5.2x adds ``no_memory_embedding`` to feature level [-1] of the
     vision neck, a level it then drops (4 neck levels, 3 used), so the 72x72
-    level the decoder attends to never gets it; the original SAM3 predictor and
-    transformers' video tracker add it there. We capture that level as the neck
-    returns it and add the term only if transformers did not, so a release that
-    fixes the defect is not corrected twice.
+    level the decoder attends to never gets it. We capture that level as the
+    neck returns it: if ``get_image_embeddings`` left it unchanged (the defect),
+    its output is already the raw features; if a fixed release added the term,
+    the captured level replaces it. Either way the term is added exactly once,
+    by :func:`with_no_memory`, where the original SAM3 predictor adds it.
+    Raw features are what the embedding cache stores and what the video tracker
+    takes for its frames.
     """
-    import torch
-
     level = len(model.backbone_feature_sizes) - 1
     seen = {}
 
@@ -67,10 +69,22 @@ def add_no_memory_embedding(model, pixel_values):
         emb = list(model.get_image_embeddings(pixel_values))
     finally:
         handle.remove()
-    raw = seen.get("raw")
-    if raw is not None and raw.shape == emb[-1].shape and torch.equal(raw, emb[-1]):
-        emb[-1] = emb[-1] + model.no_memory_embedding.reshape(1, -1, 1, 1).to(emb[-1].dtype)
+    raw = seen["raw"]
+    if raw.shape == emb[-1].shape:  # (B, C, h, w); otherwise transformers changed layout
+        emb[-1] = raw
     return emb
+
+
+def with_no_memory(model, features: list) -> list:
+    """Add ``no_memory_embedding`` to the decoder's last (72x72) level: an image prompt
+    has no memory of earlier frames, as in the original SAM3 image predictor."""
+    last = features[-1] + model.no_memory_embedding.reshape(1, -1, 1, 1).to(features[-1].dtype)
+    return list(features[:-1]) + [last]
+
+
+def add_no_memory_embedding(model, pixel_values) -> list:
+    """``model.get_image_embeddings`` with the no-memory term where the original adds it."""
+    return with_no_memory(model, image_features(model, pixel_values))
 
 
 @dataclass
@@ -183,9 +197,9 @@ class Sam3Segmenter:
     def _to_embedding(self, key, feats, shape) -> ImageEmbedding:
         import torch
 
-        tensors = [torch.from_numpy(np.asarray(f))[None].to(self.device, self.dtype)
-                   for f in feats]
-        return ImageEmbedding(key=key, features=tensors, image_shape=tuple(shape))
+        raw = [torch.from_numpy(np.asarray(f))[None].to(self.device, self.dtype) for f in feats]
+        return ImageEmbedding(key=key, raw=raw, features=with_no_memory(self.model, raw),
+                              image_shape=tuple(shape))
 
     def embed_rgb(self, rgb: np.ndarray, meta: dict | None = None) -> ImageEmbedding:
         """The embedding of an (H, W, 3) uint8 image: memory, then disk, then the encoder."""
@@ -194,7 +208,7 @@ class Sam3Segmenter:
             return hit
         emb = self.encode_rgb(rgb, key)
         if self.store is not None:
-            feats = [f[0].float().cpu().numpy() for f in emb.features]
+            feats = [f[0].float().cpu().numpy() for f in emb.raw]
             meta = {"model": self.fingerprint, "input_size": self.input_size,
                     "compute_dtype": str(self.dtype), "image_shape": list(rgb.shape[:2]),
                     **(meta or {})}
@@ -217,9 +231,10 @@ class Sam3Segmenter:
         inputs = self.processor(images=rgb, return_tensors="pt")
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         with torch.inference_mode():
-            feats = add_no_memory_embedding(self.model, pixels)
+            raw = image_features(self.model, pixels)
+            feats = with_no_memory(self.model, raw)
         self.encoder_calls += 1
-        return ImageEmbedding(key=key, features=feats, image_shape=tuple(rgb.shape[:2]))
+        return ImageEmbedding(key=key, raw=raw, features=feats, image_shape=tuple(rgb.shape[:2]))
 
     def tile_rgb(self, image, grid: TileGrid, tile: Tile, limits) -> np.ndarray:
         """The model's view of one tile: normalised with the image's limits, zero-padded."""
@@ -345,6 +360,80 @@ class Sam3Segmenter:
         return [MaskPrediction(logits=logits[i].numpy(), iou_score=float(best_iou[i]),
                                object_score=float(obj[i])) for i in range(len(prompts))]
 
+    # -- z-stacks and time series -----------------------------------------------------------
+    def video_tracker(self):
+        """The propagation engine, loaded on first use from the same model argument."""
+        if getattr(self, "_propagator", None) is None:
+            from .model import load_video_tracker
+            from .propagation import Propagator
+
+            net, processor = load_video_tracker(self.model_id, self.device, self.dtype)
+            self._propagator = Propagator(self, net, processor)
+        return self._propagator
+
+    def iter_propagate(self, stack, prompts_by_slice, axis: int = 0, direction: str = "both",
+                       start: int | None = None, stop: int | None = None, *, fixed=None,
+                       limits=None, score_threshold: float = 0.0, stop_after: int = 3):
+        """Track objects through a stack; yields a ``SliceResult`` per slice as it comes.
+
+        ``prompts_by_slice``: ``{slice: {id: ObjectPrompt}}`` (or ``{slice: [prompts]}``,
+        ids 1, 2, ...). Every prompted slice conditions the tracker. The forward pass
+        starts at the first prompted slice in ``[start, stop)``; the backward pass at
+        the last one (``"both"``: at the first, as SAM does). An object stops being
+        followed after ``stop_after`` slices in a row with object score below
+        ``score_threshold``; a pass ends when all its objects are gone.
+        """
+        from .propagation import DIRECTIONS, StackFrames, normalize_prompts, stack_limits
+
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}")
+        frames = StackFrames(stack, axis, fixed)
+        prompts = normalize_prompts(prompts_by_slice)
+        depth, plane = len(frames), frames.shape[:2]
+        start, stop = (0 if start is None else int(start)), (depth if stop is None else int(stop))
+        if not 0 <= start < stop <= depth:
+            raise PromptError(f"slice range {start}-{stop - 1} is outside the stack of {depth}")
+        for k, objs in prompts.items():
+            if not 0 <= k < depth:
+                raise PromptError(f"slice {k} is outside the stack of {depth} slices")
+            for p in objs.values():
+                p.check_inside(plane)
+        limits = stack_limits(frames, limits)
+        grid = TileGrid(plane, self.tile_size, self.overlap)
+        groups: dict[Tile, list[int]] = {}
+        for obj_id in sorted({i for objs in prompts.values() for i in objs}):
+            boxes = [prompt_bbox(objs[obj_id]) for objs in prompts.values() if obj_id in objs]
+            bbox = (min(b[0] for b in boxes), min(b[1] for b in boxes),
+                    max(b[2] for b in boxes), max(b[3] for b in boxes))
+            groups.setdefault(grid.route(bbox), []).append(obj_id)
+        engine = self.video_tracker()
+        for tile, ids in groups.items():
+            sub = {k: {i: p for i, p in objs.items() if i in ids} for k, objs in prompts.items()}
+            yield from engine.run(frames, {k: v for k, v in sub.items() if v}, tile=tile,
+                                  padded_shape=grid.padded_shape(tile), limits=limits,
+                                  direction=direction, start=start, stop=stop,
+                                  score_threshold=score_threshold, stop_after=stop_after)
+
+    def propagate(self, stack, prompts_by_slice, axis: int = 0, direction: str = "both",
+                  start: int | None = None, stop: int | None = None, *, out=None,
+                  max_hole_area: int = DEFAULTS.max_hole_area,
+                  max_sprinkle_area: int = DEFAULTS.max_sprinkle_area, **kwargs) -> np.ndarray:
+        """Labels of the tracked objects, (depth, Y, X) int32 along ``axis``.
+
+        ``out``: an existing (depth, Y, X) array (NumPy or Zarr) to update: only the
+        slices propagation reaches are written, each slice whole, and pixels of other
+        ids are kept. Other keywords as in :meth:`iter_propagate`.
+        """
+        from .propagation import StackFrames
+
+        frames = StackFrames(stack, axis, kwargs.get("fixed"))
+        if out is None:
+            out = np.zeros((len(frames),) + tuple(frames.shape[:2]), dtype=np.int32)
+        for result in self.iter_propagate(stack, prompts_by_slice, axis, direction, start, stop,
+                                          **kwargs):
+            write_slice(out, result, max_hole_area, max_sprinkle_area)
+        return out
+
     # -- one call ---------------------------------------------------------------------------
     def segment(self, image, prompts: Sequence[ObjectPrompt], *,
                 max_hole_area: int = DEFAULTS.max_hole_area,
@@ -365,6 +454,18 @@ class Sam3Segmenter:
         paste_objects(out, [(o.region, o.logits) for o in objects],
                       max_hole_area=max_hole_area, max_sprinkle_area=max_sprinkle_area)
         return out
+
+
+def write_slice(out, result, max_hole_area: int = 0, max_sprinkle_area: int = 0) -> None:
+    """Write one ``SliceResult`` into ``out[index]``: its ids are replaced in the region,
+    other labels are kept."""
+    window = (result.index,) + tuple(result.region)
+    region = np.array(out[window])
+    region[np.isin(region, result.ids)] = 0
+    whole = (slice(0, region.shape[0]), slice(0, region.shape[1]))
+    paste_objects(region, [(whole, lg) for lg in result.logits], result.ids,
+                  max_hole_area, max_sprinkle_area, overwrite=False)
+    out[window] = region
 
 
 def _to_tile_frame(prompt: ObjectPrompt, tile: Tile, padded_shape) -> ObjectPrompt:

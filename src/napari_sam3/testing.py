@@ -37,6 +37,72 @@ def tiny_tracker_config(image_size: int = TINY_IMAGE_SIZE):
     )
 
 
+def tiny_video_config(image_size: int = TINY_IMAGE_SIZE):
+    """A tiny Sam3TrackerVideo config. Its memory channels are fixed at 64 in
+    transformers 5.2x, so hidden sizes are multiples of 64 above 64 (128)."""
+    from transformers import (
+        Sam3TrackerVideoConfig,
+        Sam3TrackerVideoMaskDecoderConfig,
+        Sam3TrackerVideoPromptEncoderConfig,
+        Sam3VisionConfig,
+        Sam3ViTConfig,
+    )
+
+    patch = 14
+    grid = image_size // patch
+    vit = Sam3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, image_size=image_size, patch_size=patch,
+                        window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
+    vision = Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=128,
+                              backbone_feature_sizes=[[grid * 4] * 2, [grid * 2] * 2, [grid] * 2])
+    return Sam3TrackerVideoConfig(
+        vision_config=vision,
+        prompt_encoder_config=Sam3TrackerVideoPromptEncoderConfig(
+            hidden_size=128, image_size=image_size, patch_size=patch),
+        mask_decoder_config=Sam3TrackerVideoMaskDecoderConfig(
+            hidden_size=128, mlp_dim=128, iou_head_hidden_dim=128),
+        memory_attention_hidden_size=128, memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=128,
+        memory_attention_rope_feat_sizes=[grid, grid], memory_encoder_hidden_size=128,
+        memory_encoder_output_channels=64, mask_downsampler_embed_dim=128,
+        memory_fuser_embed_dim=128, memory_fuser_intermediate_dim=128, memory_fuser_num_layers=1,
+        num_maskmem=3, max_object_pointers_in_encoder=4,  # a short memory: tests see pruning
+        image_size=image_size,  # the video config resets every sub-config's size from this
+    )
+
+
+def save_random_video_tracker(folder, config=None, seed: int = 0) -> Path:
+    """A random Sam3TrackerVideoModel checkpoint with its processor (image + video).
+
+    Clicks load ``Sam3TrackerModel`` from the same folder; ``no_memory_embedding`` is
+    random, as in :func:`save_random_tracker`.
+    """
+    import torch
+    from transformers import (
+        Sam2VideoVideoProcessor,
+        Sam3ImageProcessor,
+        Sam3TrackerVideoModel,
+        Sam3TrackerVideoProcessor,
+    )
+
+    config = config or tiny_video_config()
+    torch.manual_seed(seed)
+    model = Sam3TrackerVideoModel(config).eval()
+    with torch.no_grad():
+        model.no_memory_embedding.normal_(0.0, 1.0)
+    side = config.vision_config.backbone_config.image_size
+    processor = Sam3TrackerVideoProcessor(  # one size dict each: processors mutate them
+        image_processor=Sam3ImageProcessor(size={"height": side, "width": side}),
+        video_processor=Sam2VideoVideoProcessor(size={"height": side, "width": side},
+                                                image_mean=[0.5] * 3, image_std=[0.5] * 3),
+    )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def full_tracker_config():
     """The full-size SAM3 tracker architecture (random weights; for benchmarks)."""
     from transformers import Sam3TrackerConfig
