@@ -1,0 +1,252 @@
+"""Layer data -> prompts: the NumPy side of the napari widget (no Qt, no torch).
+
+The functions take plain layer *data* (arrays, shape types, feature tables) so
+they work without napari. Coordinates stay in napari (row, col) order here; the
+swap to SAM's (x, y) happens only in :func:`napari_sam3.prompts.rowcol_to_xy`.
+
+Conventions of the widget's prompt layers:
+
+* Points: one row per click; features ``object_id`` (int) and ``positive``
+  (bool: True = inside the object, False = outside).
+* Shapes: rectangles with feature ``object_id``; the last rectangle of an
+  object is its box. Other shape types are not prompts: they are counted and
+  reported back as ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .prompts import ObjectPrompt, PromptError
+
+POSITIVE_COLOR = np.array([0.1, 0.85, 0.1, 1.0])  # green: inside the object
+NEGATIVE_COLOR = np.array([0.95, 0.15, 0.15, 1.0])  # red: outside the object
+
+
+class LayerError(ValueError):
+    """A layer that cannot be used as SAM3 input (wrong dimensionality, shape...)."""
+
+
+def image_shape_2d(shape: Sequence[int], rgb: bool, name: str = "image") -> tuple[int, int]:
+    """(H, W) of a 2D gray ``(H, W)`` or rgb ``(H, W, C)`` image layer, else LayerError."""
+    shape = tuple(int(s) for s in shape)
+    spatial = shape[:-1] if rgb else shape
+    if len(spatial) != 2:
+        kind = "rgb " if rgb else ""
+        raise LayerError(
+            f"'{name}' is a {len(spatial)}D {kind}image of shape {shape}: SAM3 segmentation "
+            "here works on 2D images (H, W) or (H, W, C) only"
+        )
+    if spatial[0] < 1 or spatial[1] < 1:
+        raise LayerError(f"'{name}' is empty (shape {shape})")
+    return spatial[0], spatial[1]
+
+
+def feature_column(features, name: str, n: int, default) -> np.ndarray:
+    """Column ``name`` of a feature table (DataFrame or dict) as an array of length n.
+
+    A missing column gives ``default`` for every row.
+    """
+    if features is not None and name in features:
+        col = np.asarray(features[name])
+        if len(col) == n:
+            return col
+        raise LayerError(f"feature '{name}' has {len(col)} values for {n} items")
+    return np.full(n, default)
+
+
+def _object_ids(features, n: int) -> np.ndarray:
+    ids = feature_column(features, "object_id", n, -1)
+    try:
+        return np.asarray(ids, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise LayerError("feature 'object_id' must hold integer object ids") from None
+
+
+def _as_2d_coords(coords, what: str) -> np.ndarray:
+    arr = np.asarray(coords, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 2))
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise LayerError(
+            f"{what} must be 2D (row, col) coordinates, got an array of shape {arr.shape}"
+        )
+    return arr
+
+
+def object_indices(features, n: int, obj_id: int) -> np.ndarray:
+    """Indices of the items (points or shapes) that belong to ``obj_id``."""
+    if n == 0:
+        return np.zeros(0, dtype=np.intp)
+    return np.flatnonzero(_object_ids(features, n) == int(obj_id))
+
+
+def prompt_ids(*feature_tables_and_sizes) -> set[int]:
+    """Object ids used by prompt layers: pass ``(features, n)`` pairs."""
+    ids: set[int] = set()
+    for features, n in feature_tables_and_sizes:
+        if n:
+            ids.update(int(i) for i in np.unique(_object_ids(features, n)) if i > 0)
+    return ids
+
+
+def next_object_id(max_label: int = 0, used_ids=()) -> int:
+    """One more than the largest id in the labels and the prompt layers (at least 1)."""
+    return int(max([int(max_label), 0, *(int(i) for i in used_ids)])) + 1
+
+
+def _inside_or_error(rc: np.ndarray, shape: tuple[int, int], what: str) -> np.ndarray:
+    """Points inside the image's pixel extent are kept (clipped to pixel centres).
+
+    napari draws pixel (r, c) from r-0.5 to r+0.5, so a click on the border half
+    of the first/last pixel is inside and is moved to that pixel's centre.
+    """
+    h, w = shape
+    for r, c in rc:
+        if not (np.isfinite(r) and np.isfinite(c)):
+            raise PromptError(f"{what} has a non-finite coordinate")
+        if not (-0.5 <= r < h - 0.5 and -0.5 <= c < w - 0.5):
+            raise PromptError(
+                f"{what} at (row {r:.1f}, col {c:.1f}) is outside the {h}x{w} image: "
+                "move or delete it"
+            )
+    out = rc.copy()
+    out[:, 0] = np.clip(out[:, 0], 0, h - 1)
+    out[:, 1] = np.clip(out[:, 1], 0, w - 1)
+    return out
+
+
+def points_for_object(
+    data, features, obj_id: int, image_shape=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(points (k, 2) row/col, labels (k,) 1/0) of ``obj_id`` from a Points layer.
+
+    With ``image_shape`` a point outside the image raises :class:`PromptError`.
+    """
+    pts = _as_2d_coords(data, "points")
+    n = len(pts)
+    idx = object_indices(features, n, obj_id)
+    positive = feature_column(features, "positive", n, True)
+    labels = np.asarray(positive[idx], dtype=bool).astype(np.int64)
+    rc = pts[idx]
+    if image_shape is not None and len(rc):
+        rc = _inside_or_error(rc, image_shape, f"a point of object {obj_id}")
+    return rc, labels
+
+
+def box_for_object(
+    data: Sequence, shape_types: Sequence[str], features, obj_id: int, image_shape=None
+) -> tuple[np.ndarray | None, int]:
+    """(box (row0, col0, row1, col1) or None, number of ignored non-rectangles) of ``obj_id``.
+
+    The box is the bounding box of the object's last rectangle. With
+    ``image_shape`` a box entirely outside the image raises :class:`PromptError`
+    and a box partly outside is clipped to the image.
+    """
+    n = len(data)
+    if len(shape_types) != n:
+        raise LayerError(f"{n} shapes but {len(shape_types)} shape types")
+    box = None
+    ignored = 0
+    for i in object_indices(features, n, obj_id):
+        if str(shape_types[i]) != "rectangle":
+            ignored += 1
+            continue
+        corners = _as_2d_coords(data[i], "shapes")
+        box = np.concatenate([corners.min(axis=0), corners.max(axis=0)])
+    if box is not None and image_shape is not None:
+        h, w = image_shape
+        r0, c0, r1, c1 = box
+        if r1 < -0.5 or c1 < -0.5 or r0 >= h - 0.5 or c0 >= w - 0.5:
+            raise PromptError(
+                f"the box of object {obj_id} (rows {r0:.1f}-{r1:.1f}, cols {c0:.1f}-{c1:.1f}) "
+                f"is outside the {h}x{w} image"
+            )
+        box = np.array(
+            [
+                np.clip(r0, 0, h - 1),
+                np.clip(c0, 0, w - 1),
+                np.clip(r1, 0, h - 1),
+                np.clip(c1, 0, w - 1),
+            ]
+        )
+    return box, ignored
+
+
+def count_non_rectangles(shape_types: Sequence[str]) -> int:
+    return sum(str(t) != "rectangle" for t in shape_types)
+
+
+def object_prompt(
+    obj_id: int,
+    image_shape: tuple[int, int],
+    *,
+    points=None,
+    point_features=None,
+    shapes=None,
+    shape_types=None,
+    shape_features=None,
+    mask=None,
+) -> tuple[ObjectPrompt | None, int]:
+    """The :class:`ObjectPrompt` of ``obj_id`` and the number of ignored shapes.
+
+    Returns ``(None, ignored)`` when the object has no point, box or mask.
+    """
+    if points is not None and len(points):
+        rc, labels = points_for_object(points, point_features, obj_id, image_shape)
+    else:
+        rc, labels = np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
+    box, ignored = None, 0
+    if shapes is not None and len(shapes):
+        box, ignored = box_for_object(shapes, shape_types, shape_features, obj_id, image_shape)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != tuple(image_shape):
+            raise LayerError(
+                f"the mask prompt has shape {mask.shape}, the image is {tuple(image_shape)}"
+            )
+        if not mask.any():
+            mask = None
+    if not len(rc) and box is None and mask is None:
+        return None, ignored
+    return ObjectPrompt(points=rc, point_labels=labels, box=box, mask=mask), ignored
+
+
+def polarity_colors(positive) -> np.ndarray:
+    """(N, 4) RGBA face colours: green for positive points, red for negative ones."""
+    pos = np.asarray(positive, dtype=bool).reshape(-1)
+    return np.where(pos[:, None], POSITIVE_COLOR, NEGATIVE_COLOR)
+
+
+def same_transform(a, b) -> bool:
+    """True if two layer-like objects map data to world coordinates the same way."""
+    try:
+        if a.ndim != b.ndim:
+            return False
+        return bool(
+            np.allclose(a.scale, b.scale)
+            and np.allclose(a.translate, b.translate)
+            and np.allclose(a.rotate, b.rotate)
+            and np.allclose(a.shear, b.shear)
+            and np.allclose(a.affine.affine_matrix, b.affine.affine_matrix)
+        )
+    except (AttributeError, ValueError, TypeError):
+        return False
+
+
+def to_image_coords(layer, image_layer, coords) -> np.ndarray:
+    """(N, D) data coordinates of ``layer`` -> (N, 2) data coordinates of ``image_layer``.
+
+    Identity when both layers share their transform (the widget's own layers do).
+    """
+    arr = np.asarray(coords, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 2))
+    if same_transform(layer, image_layer):
+        return arr
+    out = [
+        np.asarray(image_layer.world_to_data(layer.data_to_world(c)), dtype=np.float64) for c in arr
+    ]
+    return np.asarray(out)[:, -2:]
