@@ -69,12 +69,17 @@ def machine() -> str:
 
     cpu = "unknown CPU"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__}, "
-            f"transformers {transformers.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
 
 
 def warm_vs_cold(model_dir: str, tile: int, label: str, tmp: Path, repeats: int) -> dict:
@@ -90,8 +95,7 @@ def warm_vs_cold(model_dir: str, tile: int, label: str, tmp: Path, repeats: int)
     t_cold = time.perf_counter() - t0
     warm_times, read_times = [], []
     for _ in range(repeats):
-        warm = Sam3Segmenter.from_pretrained(model_dir, device="cpu", cache=cache,
-                                             tile_size=tile)
+        warm = Sam3Segmenter.from_pretrained(model_dir, device="cpu", cache=cache, tile_size=tile)
         warm.model, warm.processor = cold.model, cold.processor  # same weights, no reload
         t0 = time.perf_counter()
         warm.segment(image, prompt, limits=(0, 4000))
@@ -103,9 +107,15 @@ def warm_vs_cold(model_dir: str, tile: int, label: str, tmp: Path, repeats: int)
         read_times.append(time.perf_counter() - t0)
     entry = cache / "tiles" / cold.store.disk_entries()[0]
     size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
-    return {"model": label, "tile": tile, "cold_s": t_cold, "warm_s": float(np.median(warm_times)),
-            "zarr_read_ms": 1000 * float(np.median(read_times)), "entry_mb": size / 2**20,
-            "speed_up": t_cold / float(np.median(warm_times))}
+    return {
+        "model": label,
+        "tile": tile,
+        "cold_s": t_cold,
+        "warm_s": float(np.median(warm_times)),
+        "zarr_read_ms": 1000 * float(np.median(read_times)),
+        "entry_mb": size / 2**20,
+        "speed_up": t_cold / float(np.median(warm_times)),
+    }
 
 
 def big_image(model_dir: str, side: int, tmp: Path) -> dict:
@@ -114,21 +124,28 @@ def big_image(model_dir: str, side: int, tmp: Path) -> dict:
     from napari_sam3 import ObjectPrompt, Sam3Segmenter
 
     path = tmp / "big.zarr"
-    arr = zarr.create_array(path, shape=(side, side), chunks=(1024, 1024), dtype="uint16",
-                            fill_value=0)
+    arr = zarr.create_array(
+        path, shape=(side, side), chunks=(1024, 1024), dtype="uint16", fill_value=0
+    )
     rng = np.random.default_rng(1)
     block = (rng.normal(1000, 200, (1024, 1024))).clip(0, 65535).astype(np.uint16)
     t0 = time.perf_counter()
     for r in range(0, side, 1024):
         for c in range(0, side, 1024):
-            arr[r:r + 1024, c:c + 1024] = block[: min(1024, side - r), : min(1024, side - c)]
+            arr[r : r + 1024, c : c + 1024] = block[: min(1024, side - r), : min(1024, side - c)]
     t_make = time.perf_counter() - t0
     del arr
-    seg = Sam3Segmenter.from_pretrained(model_dir, device="cpu", cache=tmp / "big-cache.zarr",
-                                        tile_size=1008)
+    seg = Sam3Segmenter.from_pretrained(
+        model_dir, device="cpu", cache=tmp / "big-cache.zarr", tile_size=1008
+    )
     image = zarr.open_array(path, mode="r")
-    out = zarr.create_array(tmp / "big-labels.zarr", shape=(side, side), chunks=(1024, 1024),
-                            dtype="int32", fill_value=0)
+    out = zarr.create_array(
+        tmp / "big-labels.zarr",
+        shape=(side, side),
+        chunks=(1024, 1024),
+        dtype="int32",
+        fill_value=0,
+    )
     base = rss_mb()
     with PeakRSS() as peak:
         t0 = time.perf_counter()
@@ -137,9 +154,14 @@ def big_image(model_dir: str, side: int, tmp: Path) -> dict:
         t0 = time.perf_counter()
         seg.segment(image, [ObjectPrompt(points=[(side // 2 + 40, side // 3 + 9)])], out=out)
         t_second = time.perf_counter() - t0
-    return {"side": side, "make_zarr_s": t_make, "first_mask_s": t_first,
-            "next_click_same_tile_s": t_second, "encoder_calls": seg.encoder_calls,
-            "rss_growth_mb": peak.peak - base}
+    return {
+        "side": side,
+        "make_zarr_s": t_make,
+        "first_mask_s": t_first,
+        "next_click_same_tile_s": t_second,
+        "encoder_calls": seg.encoder_calls,
+        "rss_growth_mb": peak.peak - base,
+    }
 
 
 def precompute_growth(model_dir: str, sides, tmp: Path) -> list[dict]:
@@ -154,9 +176,15 @@ def precompute_growth(model_dir: str, sides, tmp: Path) -> list[dict]:
         t0 = time.perf_counter()
         steps = list(seg.precompute(image, limits=(0, 255)))
         dt = time.perf_counter() - t0
-        rows.append({"side": side, "tiles": steps[-1][1], "seconds": dt,
-                     "ms_per_tile": 1000 * dt / steps[-1][1],
-                     "cache_mb": seg.store.disk_bytes() / 2**20})
+        rows.append(
+            {
+                "side": side,
+                "tiles": steps[-1][1],
+                "seconds": dt,
+                "ms_per_tile": 1000 * dt / steps[-1][1],
+                "cache_mb": seg.store.disk_bytes() / 2**20,
+            }
+        )
         shutil.rmtree(cache, ignore_errors=True)
     return rows
 
@@ -184,30 +212,40 @@ def main() -> None:
             full = str(save_random_tracker(tmp / "full", config=full_tracker_config()))
             rows.append(warm_vs_cold(full, 1008, "full", tmp, repeats=3))
         print("\n1. time to first mask, cached tile vs encoding it")
-        print(f"{'model':6} {'tile':>5} {'cold s':>9} {'warm s':>9} {'zarr read ms':>13} "
-              f"{'entry MB':>9} {'speed-up':>9}")
+        print(
+            f"{'model':6} {'tile':>5} {'cold s':>9} {'warm s':>9} {'zarr read ms':>13} "
+            f"{'entry MB':>9} {'speed-up':>9}"
+        )
         for r in rows:
-            print(f"{r['model']:6} {r['tile']:5d} {r['cold_s']:9.3f} {r['warm_s']:9.3f} "
-                  f"{r['zarr_read_ms']:13.1f} {r['entry_mb']:9.2f} {r['speed_up']:9.1f}")
+            print(
+                f"{r['model']:6} {r['tile']:5d} {r['cold_s']:9.3f} {r['warm_s']:9.3f} "
+                f"{r['zarr_read_ms']:13.1f} {r['entry_mb']:9.2f} {r['speed_up']:9.1f}"
+            )
         results["warm_vs_cold"] = rows
 
         big = big_image(tiny, args.big, tmp)
         print(f"\n2. {big['side']}x{big['side']} uint16 Zarr image, tiny model, 1008 px tiles")
-        print(f"   first mask {big['first_mask_s']:.2f} s (one tile encoded: "
-              f"{big['encoder_calls']}), next click in that tile "
-              f"{big['next_click_same_tile_s'] * 1000:.0f} ms, peak RSS growth "
-              f"{big['rss_growth_mb']:.0f} MB (writing the Zarr input took "
-              f"{big['make_zarr_s']:.0f} s)")
+        print(
+            f"   first mask {big['first_mask_s']:.2f} s (one tile encoded: "
+            f"{big['encoder_calls']}), next click in that tile "
+            f"{big['next_click_same_tile_s'] * 1000:.0f} ms, peak RSS growth "
+            f"{big['rss_growth_mb']:.0f} MB (writing the Zarr input took "
+            f"{big['make_zarr_s']:.0f} s)"
+        )
         results["big_image"] = big
 
         growth = precompute_growth(tiny, args.sides, tmp)
         print("\n3. precompute, tiny model, 1008 px tiles, overlap 252")
         print(f"{'side':>6} {'tiles':>6} {'seconds':>8} {'ms/tile':>8} {'cache MB':>9}")
         for r in growth:
-            print(f"{r['side']:6d} {r['tiles']:6d} {r['seconds']:8.1f} {r['ms_per_tile']:8.1f} "
-                  f"{r['cache_mb']:9.1f}")
+            print(
+                f"{r['side']:6d} {r['tiles']:6d} {r['seconds']:8.1f} {r['ms_per_tile']:8.1f} "
+                f"{r['cache_mb']:9.1f}"
+            )
         results["precompute"] = growth
-    print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(
+        f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

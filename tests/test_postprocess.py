@@ -89,3 +89,14 @@ def test_paste_object_respects_other_labels():
 def test_defaults_are_positive():
     d = PostProcessing()
     assert d.max_hole_area > 0 and d.max_sprinkle_area > 0
+
+
+def test_clean_mask_on_bounding_box_equals_whole_image():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        m = np.zeros((60, 80), bool)
+        r, c = rng.integers(0, 50), rng.integers(0, 70)
+        m[r:r + rng.integers(3, 20), c:c + rng.integers(3, 20)] = True
+        m &= rng.random(m.shape) > 0.15  # holes and crumbs
+        whole = remove_islands(fill_holes(m, 6), 3)
+        np.testing.assert_array_equal(clean_mask(m, 6, 3), whole)
