@@ -290,11 +290,22 @@ def test_usage_errors_are_one_line(capsys):
 def test_help_and_version(capsys):
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"napari-sam3 {__import__('napari_sam3').__version__}"
-    for argv in (["--help"], ["segment", "--help"], ["view", "--help"]):
+    for argv in (
+        ["--help"],
+        ["segment", "--help"],
+        ["view", "--help"],
+        ["precompute", "--help"],
+        ["cache", "--help"],
+        ["cache", "info", "--help"],
+        ["cache", "clear", "--help"],
+    ):
         assert cli.main(argv) == 0
         out = capsys.readouterr().out
         assert out.startswith("usage: napari-sam3")
     assert cli.main([]) == 2  # no command: help, non-zero
+    capsys.readouterr()
+    assert cli.main(["cache"]) == 2  # no action: help, non-zero
+    assert capsys.readouterr().out.startswith("usage: napari-sam3 cache")
 
 
 def test_import_is_light():
@@ -305,6 +316,20 @@ def test_import_is_light():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_cache_commands_are_light(tmp_path):
+    """'cache info/clear' never import torch: they answer at once."""
+    code = (
+        "import sys, napari_sam3.cli as c; "
+        f"rc = c.main(['cache', 'info', '--cache', {str(tmp_path / 'c.zarr')!r}]); "
+        "print(rc, sorted(m for m in ('torch', 'transformers', 'napari') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "0 []"
+    assert "entries: 0" in res.stdout
+    assert not (tmp_path / "c.zarr").exists()
 
 
 # ------------------------------------------------------------------------------ view

@@ -1,4 +1,13 @@
-"""Command line: ``napari-sam3 segment`` (batch, no GUI) and ``napari-sam3 view`` (napari).
+"""Command line: ``napari-sam3 segment | precompute | cache | view``.
+
+* ``segment``: labels from point/box prompts on a 2D image, on chosen slices of a
+  3D stack, or propagated through a stack (``--propagate``), written to TIFF or
+  Zarr (OME-NGFF). Zarr inputs are read lazily, tile by tile; Zarr outputs are
+  written region by region, so neither has to fit in memory.
+* ``precompute``: fill the Zarr embedding cache for an image or a stack, so later
+  clicks (CLI or napari) only run the small mask decoder.
+* ``cache info`` / ``cache clear``: inspect or empty an embedding cache.
+* ``view``: napari with an image and the SAM3 widget.
 
 Only the standard library, NumPy and the package's light modules are imported
 here; torch/transformers are imported after the input has been validated, and
@@ -6,7 +15,8 @@ napari only by ``view``.
 
 Exit codes: 0 success, 2 bad input (one ``napari-sam3: error: ...`` line on
 stderr, nothing written), 1 an unexpected failure while segmenting or writing
-(also one line; nothing written), 130 interrupted.
+(also one line; nothing written), 130 interrupted. Warnings (e.g. an unusable
+cache location) are one ``napari-sam3: warning: ...`` line each; the run goes on.
 """
 
 from __future__ import annotations
@@ -14,11 +24,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .model import DEFAULT_MODEL
 
@@ -26,6 +40,9 @@ PROG = "napari-sam3"
 WIDGET_NAME = "SAM3 segmentation"
 SCREENSHOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _HEADLESS_QPA = ("offscreen", "minimal", "vnc", "eglfs", "linuxfb")
+_MAX_ID = 2**31 - 1  # labels are int32
+_DIRECTIONS = ("forward", "backward", "both")  # as propagation.DIRECTIONS (not imported: light)
+_MEMORY_ONLY = "; embeddings are kept in memory only"
 
 
 class CliError(Exception):
@@ -45,6 +62,16 @@ def _one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+def _warn(message) -> None:
+    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _failed(message: str) -> CliError:
+    err = CliError(message)
+    err.status = 1
+    return err
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -57,18 +84,124 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _tile_size(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"a tile must be at least 16 pixels, got {value}")
+    return value
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _version() -> str:
     from . import __version__
 
     return __version__
 
 
+# --------------------------------------------------------------------------- parser
+
+
+def _add_model_options(p) -> None:
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="M",
+        help="Hugging Face model id or local checkpoint folder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="D",
+        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)",
+    )
+
+
+def _add_image_options(p, cache_required: bool) -> None:
+    """Options that change the embeddings: cache, tiling, normalisation, stack axis."""
+    if cache_required:
+        p.add_argument(
+            "--cache",
+            required=True,
+            metavar="PATH",
+            help="Zarr embedding cache folder to fill; 'default' for the user cache folder",
+        )
+    else:
+        p.add_argument(
+            "--cache",
+            default=None,
+            metavar="PATH",
+            help="Zarr embedding cache folder, reused across runs and with napari; 'default' "
+            "for the user cache folder (default: none, embeddings kept in memory only)",
+        )
+    p.add_argument(
+        "--cache-dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="storage type of cached embeddings: float16 (half the disk) or float32 "
+        "(exact) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tile",
+        type=_tile_size,
+        metavar="N",
+        default=None,
+        help="tile size for large images in pixels (default: the model input, 1008 for SAM3)",
+    )
+    p.add_argument(
+        "--overlap",
+        type=_non_negative_int,
+        metavar="N",
+        default=None,
+        help="overlap of neighbouring tiles in pixels (default: a quarter of the tile)",
+    )
+    p.add_argument(
+        "--limits",
+        type=_finite_float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="intensity limits mapped to 0..255 for the model (default: the 0.5th and "
+        "99.5th percentiles; a stack uses one pair for all slices; ignored for 8-bit RGB)",
+    )
+    p.add_argument(
+        "--axis",
+        type=_whole,
+        metavar="A",
+        default=None,
+        help="stack axis of a 3D+ IMAGE (default: its only leading axis longer than 1, usually 0)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .embedding_store import default_cache_path
     from .postprocess import DEFAULTS
 
     parser = _Parser(
         prog=PROG,
-        description="SAM3 promptable segmentation of 2D (microscopy) images.",
+        description="SAM3 promptable segmentation of (microscopy) images and stacks.",
         epilog=f"Run '{PROG} COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
@@ -79,19 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment objects from point/box prompts and write a label image",
         description=(
             "Segment one object per prompt entry and write int32-compatible labels "
-            "(0 background, object i -> id i+1) to a .tif/.tiff or .zarr (OME-NGFF) file."
+            "(0 background) to a .tif/.tiff or .zarr (OME-NGFF) file. On a 3D stack each "
+            "object is segmented on its 'slice', or tracked through the stack with "
+            "--propagate; the output is then a (Z, Y, X) label volume."
         ),
         epilog=(
             "PROMPTS.json is a list with one entry per object, e.g. "
             '[{"points": [[40, 25]], "labels": [1]}, {"box": [10, 50, 30, 80]}]. '
             "Coordinates are (row, col) pixels, as in napari; labels are 1 (inside) or "
-            "0 (outside) and default to 1; a box is [row0, col0, row1, col1]."
+            "0 (outside) and default to 1; a box is [row0, col0, row1, col1]. Entry i gets "
+            'label id i+1 unless it has an "id" (a whole number from 1). On a stack each '
+            'entry needs a "slice" (0-based index along the stack axis); entries with the '
+            "same id on several slices prompt one object on each of those slices."
         ),
     )
     seg.add_argument(
         "image",
         metavar="IMAGE",
-        help="2D grayscale or RGB(A) image (.tif, .tiff, .png, .jpg, .npy, .zarr)",
+        help="2D grayscale or RGB(A) image, or a 3D stack (.tif, .tiff, .png, .jpg, .npy, "
+        ".zarr; Zarr and OME-Zarr are read lazily)",
     )
     seg.add_argument(
         "--prompts",
@@ -102,18 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--out", required=True, metavar="OUT", help="output labels: OUT.tif, OUT.tiff or OUT.zarr"
     )
-    seg.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="M",
-        help="Hugging Face model id or local checkpoint folder (default: %(default)s)",
-    )
-    seg.add_argument(
-        "--device",
-        default="auto",
-        metavar="D",
-        help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)",
-    )
+    _add_model_options(seg)
+    _add_image_options(seg, cache_required=False)
     seg.add_argument(
         "--max-hole-area",
         type=_non_negative_int,
@@ -128,8 +257,87 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.max_sprinkle_area,
         help="remove islands of up to N pixels; 0 = off (default: %(default)s)",
     )
+    prop = seg.add_argument_group("propagation through a stack (with --propagate)")
+    prop.add_argument(
+        "--propagate",
+        choices=_DIRECTIONS,
+        default=None,
+        help="track the prompted objects from their slices through the stack",
+    )
+    prop.add_argument(
+        "--start",
+        type=_whole,
+        metavar="K",
+        default=None,
+        help="first slice to propagate through (default: 0)",
+    )
+    prop.add_argument(
+        "--stop",
+        type=_whole,
+        metavar="K",
+        default=None,
+        help="propagate up to slice K, exclusive (default: the end of the stack)",
+    )
+    prop.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        metavar="N",
+        default=None,
+        help="stop following an object after N slices in a row with an object score below "
+        "--score-threshold (default: 3)",
+    )
+    prop.add_argument(
+        "--score-threshold",
+        type=_finite_float,
+        metavar="X",
+        default=None,
+        help="object score (logit) below which an object counts as absent on a slice (default: 0)",
+    )
     seg.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     seg.set_defaults(func=_cmd_segment)
+
+    pre = sub.add_parser(
+        "precompute",
+        help="encode an image or stack into the embedding cache ahead of time",
+        description=(
+            "Encode every tile of IMAGE (every slice of a stack), or those meeting --region, "
+            "into the Zarr embedding cache. Later 'segment' runs and the napari widget with "
+            "the same model, cache, --cache-dtype, --tile, --overlap and --limits then skip "
+            "the image encoder."
+        ),
+    )
+    pre.add_argument("image", metavar="IMAGE", help="2D image or 3D stack (as for segment)")
+    _add_model_options(pre)
+    _add_image_options(pre, cache_required=True)
+    pre.add_argument(
+        "--region",
+        type=_whole,
+        nargs=4,
+        metavar=("R0", "C0", "R1", "C1"),
+        default=None,
+        help="only the tiles meeting rows R0:R1 and columns C0:C1 (default: the whole image)",
+    )
+    pre.set_defaults(func=_cmd_precompute)
+
+    cache = sub.add_parser(
+        "cache",
+        help="show or clear the embedding cache",
+        description="Show the size of an embedding cache, or delete its entries.",
+    )
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", parser_class=_Parser)
+    for name, func, text in (
+        ("info", _cmd_cache_info, "print the cache location, entries and size on disk"),
+        ("clear", _cmd_cache_clear, "delete every cached embedding"),
+    ):
+        c = cache_sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        c.add_argument(
+            "--cache",
+            default="default",
+            metavar="PATH",
+            help=f"cache folder (default: {default_cache_path()})",
+        )
+        c.set_defaults(func=func)
+    cache.set_defaults(func=lambda args: _usage(cache))
 
     view = sub.add_parser(
         "view",
@@ -158,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _usage(parser) -> int:
+    parser.print_help()
+    return 2
+
+
 def main(argv=None) -> int:
     """Entry point of the ``napari-sam3`` console script; returns the exit status."""
     parser = build_parser()
@@ -178,44 +391,164 @@ def main(argv=None) -> int:
         return 130
 
 
-# -------------------------------------------------------------------------- segment
+# --------------------------------------------------------------------------- images
 
 
-def _load_image(path: str):
-    """Read IMAGE and check it is 2D or (Y, X, C) with C <= 4; lazy arrays stay lazy."""
+class _AsUint8:
+    """A lazy boolean array read as uint8 (percentiles and the model need numbers)."""
+
+    def __init__(self, arr):
+        import numpy as np
+
+        self.arr, self.shape, self.dtype = arr, tuple(arr.shape), np.dtype(np.uint8)
+        self.ndim = len(self.shape)
+        self.chunks = getattr(arr, "chunks", None)
+
+    def __getitem__(self, key):
+        import numpy as np
+
+        return np.asarray(self.arr[key]).astype(np.uint8)
+
+    def __array__(self, dtype=None, copy=None):
+
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
+@dataclass
+class _Input:
+    """IMAGE as read: a 2D image (``plane``) or a stack (``frames``), lazy where it was."""
+
+    path: str
+    data: Any  # the array as read (NumPy, or Zarr read lazily)
+    plane_shape: tuple  # (Y, X) of one image/slice
+    plane: Any = None  # 2D: the (Y, X[, C]) image
+    frames: Any = None  # stack: propagation.StackFrames
+    axis: int = 0
+    fixed: dict | None = None
+
+    @property
+    def is_stack(self) -> bool:
+        return self.frames is not None
+
+    @property
+    def depth(self) -> int:
+        return len(self.frames) if self.frames is not None else 1
+
+    def describe(self) -> str:
+        h, w = self.plane_shape
+        return f"{self.depth}x{h}x{w} stack" if self.is_stack else f"{h}x{w} image"
+
+
+def _load_input(path: str, axis: int | None = None) -> _Input:
+    """Read IMAGE: 2D (Y, X) or (Y, X, C) with C <= 4, or a stack with leading axes.
+
+    Leading axes of length 1 are dropped (fixed at index 0); one other leading axis is
+    the stack axis. Zarr arrays stay lazy: nothing is read here but metadata.
+    """
+    import numpy as np
+
     from . import io
+    from .propagation import StackFrames
 
     try:
-        image = io.read_image(path)
+        data = io.read_image(path)
     except io.ImageReadError as e:
         raise CliError(e) from None
-    shape = tuple(int(s) for s in image.shape)
-    while len(shape) > 2 and shape[0] == 1 and not _yxc(shape):
-        image, shape = image[0], shape[1:]  # drop leading singleton axes, e.g. (1, Y, X)
-    if not (len(shape) == 2 or _yxc(shape)):
-        raise CliError(
-            f"image {path!r} has shape {shape}: segment needs a 2D image, grayscale (Y, X) "
-            "or with 2-4 channels last (Y, X, C), e.g. RGB"
-        )
+    shape = tuple(int(s) for s in data.shape)
+    kind = getattr(getattr(data, "dtype", None), "kind", None)
+    if kind not in ("b", "u", "i", "f"):
+        raise CliError(f"image {path!r} has unsupported data type {getattr(data, 'dtype', '?')}")
     if 0 in shape:
         raise CliError(f"image {path!r} is empty (shape {shape})")
-    kind = getattr(getattr(image, "dtype", None), "kind", None)
-    if kind not in ("b", "u", "i", "f"):
-        raise CliError(f"image {path!r} has unsupported data type {getattr(image, 'dtype', '?')}")
-    return image
+    if kind == "b":
+        data = data.astype(np.uint8) if isinstance(data, np.ndarray) else _AsUint8(data)
+    rgb = len(shape) >= 3 and shape[-1] in (2, 3, 4)
+    n_lead = len(shape) - (3 if rgb else 2)
+    lead = shape[:n_lead]
+    plane_shape = shape[n_lead : n_lead + 2]
+    long_axes = [a for a, s in enumerate(lead) if s > 1]
+    if axis is None:
+        if len(long_axes) > 1:
+            raise CliError(
+                f"image {path!r} has shape {shape}: segment takes a 2D image (Y, X) or (Y, X, C) "
+                "with 2-4 channels last, or a 3D stack (Z, Y, X) or (Z, Y, X, C); this one has "
+                f"{len(long_axes)} stack axes ({', '.join(map(str, long_axes))})"
+            )
+        if not long_axes:  # 2D, maybe with leading axes of length 1
+            if not lead:
+                plane = data
+            elif isinstance(data, np.ndarray):
+                plane = data[(0,) * n_lead]
+            else:
+                plane = StackFrames(data, 0, {a: 0 for a in range(1, n_lead)}, rgb=rgb)[0]
+            return _Input(path, data, plane_shape, plane=plane)
+        axis = long_axes[0]
+    else:
+        if not lead:
+            raise CliError(
+                f"--axis {axis}: image {path!r} is a 2D image of shape {shape}, not a stack"
+            )
+        if not -n_lead <= axis < n_lead:
+            raise CliError(
+                f"--axis {axis} is not a stack axis of image {path!r} with shape {shape} "
+                f"(stack axes: {', '.join(map(str, range(n_lead)))})"
+            )
+        axis %= n_lead
+        others = [a for a in long_axes if a != axis]
+        if others:
+            raise CliError(
+                f"image {path!r} has shape {shape}: axes {', '.join(map(str, others))} besides "
+                f"--axis {axis} are longer than 1; segment takes one stack axis"
+            )
+    fixed = {a: 0 for a in range(n_lead) if a != axis}
+    frames = StackFrames(data, axis, fixed, rgb=rgb)
+    return _Input(path, data, plane_shape, frames=frames, axis=axis, fixed=fixed)
 
 
-def _yxc(shape) -> bool:
-    """(Y, X, C) with 2 to 4 channels: what ``normalize.to_rgb_uint8`` takes besides (Y, X)."""
-    return len(shape) == 3 and shape[-1] in (2, 3, 4)
+def _resolve_limits(inp: _Input, limits):
+    """One set of intensity limits for every tile and slice (read from a sample)."""
+    from .normalize import image_limits
+    from .propagation import stack_limits
+
+    try:
+        return stack_limits(inp.frames, limits) if inp.is_stack else image_limits(inp.plane, limits)
+    except Exception as e:  # noqa: BLE001 - e.g. a corrupt Zarr chunk
+        raise CliError(f"cannot read image {inp.path!r}: {type(e).__name__}: {e}") from None
+
+
+def _check_limits(limits) -> None:
+    if limits is not None and not limits[0] < limits[1]:
+        raise CliError(f"--limits {limits[0]:g} {limits[1]:g}: LOW must be below HIGH")
+
+
+def _check_tiling(args) -> None:
+    if args.tile is not None and args.overlap is not None and args.overlap >= args.tile:
+        raise CliError(f"--overlap {args.overlap} must be smaller than --tile {args.tile}")
+
+
+# -------------------------------------------------------------------------- prompts
 
 
 def _reject_constant(name):
     raise ValueError(f"{name} is not allowed")
 
 
-def _load_prompts(path: str, shape: tuple[int, int]):
-    """Parse PROMPTS.json into ObjectPrompts, all inside an image of ``shape``."""
+@dataclass
+class _Object:
+    """One entry of PROMPTS.json."""
+
+    id: int
+    slice: int | None
+    prompt: Any  # ObjectPrompt
+
+
+def _json_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _load_prompts(path: str, inp: _Input) -> list[_Object]:
+    """Parse PROMPTS.json into objects, each inside its image or slice."""
     import numpy as np
 
     from .prompts import ObjectPrompt, PromptError
@@ -242,27 +575,78 @@ def _load_prompts(path: str, shape: tuple[int, int]):
         )
     if not data:
         raise CliError(f"prompts {path!r} hold no objects (an empty list)")
-    prompts = []
+    h, w = inp.plane_shape
+    objects: list[_Object] = []
+    seen: dict[tuple, int] = {}
     for i, entry in enumerate(data, start=1):
         where = f"prompts {path!r}, object {i}"
-        if isinstance(entry, dict) and entry.get("slice") not in (None, 0):
-            raise CliError(f"{where}: 'slice' is for 3D stacks; segment works on 2D images")
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            obj_id = entry.pop("id", i)
+            if not _json_int(obj_id) or not 1 <= obj_id <= _MAX_ID:
+                raise CliError(
+                    f"{where}: 'id' must be a whole number from 1 to {_MAX_ID}, "
+                    f"got {json.dumps(obj_id)}"
+                )
+            k = entry.get("slice")
+            if k is not None and not _json_int(k):
+                raise CliError(
+                    f"{where}: 'slice' must be a whole number (a 0-based slice index), "
+                    f"got {json.dumps(k)}"
+                )
+            if inp.is_stack:
+                if k is None:
+                    raise CliError(
+                        f"{where}: image {inp.path!r} is a {inp.describe()}; give each "
+                        f"object a 'slice' from 0 to {inp.depth - 1}, or segment a 2D image"
+                    )
+                if not 0 <= k < inp.depth:
+                    raise CliError(
+                        f"{where}: slice {k} is outside the stack of {inp.depth} slices "
+                        f"(0 to {inp.depth - 1})"
+                    )
+            elif k not in (None, 0):
+                raise CliError(
+                    f"{where}: 'slice' {k} is for 3D stacks, but image {inp.path!r} is a 2D "
+                    f"{h}x{w} image"
+                )
+        else:
+            obj_id, k = i, None
         try:
             prompt = ObjectPrompt.from_dict(entry)
             coords = list(prompt.points.ravel()) + ([] if prompt.box is None else list(prompt.box))
             if not np.isfinite(coords).all():
                 raise PromptError("coordinates must be finite numbers")
-            prompt.check_inside(shape)
+            prompt.check_inside((h, w))
         except PromptError as e:
             raise CliError(f"{where}: {e}") from None
-        prompts.append(prompt)
-    return prompts
+        key = (k if inp.is_stack else None, obj_id)
+        if key in seen:
+            on = f" on slice {k}" if inp.is_stack else ""
+            raise CliError(
+                f"{where}: id {obj_id} is already used by object {seen[key]}{on}; "
+                "give one entry per object and slice"
+            )
+        seen[key] = i
+        objects.append(_Object(obj_id, k if inp.is_stack else None, prompt))
+    return objects
 
 
 def _json_type(value) -> str:
     return {dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number"
     )
+
+
+def _by_slice(objects: list[_Object]) -> dict[int, dict[int, Any]]:
+    """``{slice: {id: ObjectPrompt}}`` in the order of PROMPTS.json."""
+    out: dict[int, dict[int, Any]] = {}
+    for o in objects:
+        out.setdefault(o.slice, {})[o.id] = o.prompt
+    return dict(sorted(out.items()))
+
+
+# --------------------------------------------------------------------------- output
 
 
 def _check_output(out: str, image_path: str, overwrite: bool) -> Path:
@@ -287,33 +671,156 @@ def _check_output(out: str, image_path: str, overwrite: bool) -> Path:
     return p
 
 
-def _write_atomic(out: Path, labels, overwrite: bool) -> None:
-    """Write into a hidden sibling folder, then rename into place: never a partial OUT."""
-    from . import io
-
+@contextlib.contextmanager
+def _staging(out: Path):
+    """A path named like OUT in a hidden sibling folder, removed on the way out."""
     tmpdir = Path(
         tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.absolute().parent)
     )
     try:
-        staged = tmpdir / out.name  # same name, so e.g. the Zarr group is named after OUT
-        io.write_labels(staged, labels)
-        if out.exists() or out.is_symlink():
-            if not overwrite:  # appeared while we were segmenting
-                raise CliError(f"{str(out)!r} already exists (pass --overwrite to replace it)")
-            if staged.is_file() and not out.is_dir():
-                os.replace(staged, out)  # atomic
-                return
-            old = tmpdir / (out.name + ".old")  # directories cannot be replaced in one step
-            os.replace(out, old)
-            try:
-                os.replace(staged, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-        else:
-            os.replace(staged, out)
+        yield tmpdir / out.name  # same name, so e.g. the Zarr group is named after OUT
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _commit(staged: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``staged`` output into place: never a partial OUT."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:  # appeared while we were segmenting
+            raise CliError(f"{str(out)!r} already exists (pass --overwrite to replace it)")
+        if staged.is_file() and not out.is_dir():
+            os.replace(staged, out)  # atomic
+            return
+        old = staged.parent / (out.name + ".old")  # directories cannot be replaced in one step
+        os.replace(out, old)
+        try:
+            os.replace(staged, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+    else:
+        os.replace(staged, out)
+
+
+def _write_atomic(out: Path, labels, overwrite: bool) -> None:
+    """Write in-memory labels next to OUT, then rename into place."""
+    from . import io
+
+    with _staging(out) as staged:
+        io.write_labels(staged, labels)
+        _commit(staged, out, overwrite)
+
+
+class _Plane:
+    """Plane ``k`` of a 3D array-like (e.g. Zarr): reads and writes go to ``arr[k, ...]``."""
+
+    def __init__(self, arr, k: int):
+        self.arr, self.k = arr, k
+        self.shape, self.dtype = tuple(arr.shape[1:]), arr.dtype
+
+    def __getitem__(self, key):
+        return self.arr[(self.k,) + (key if isinstance(key, tuple) else (key,))]
+
+    def __setitem__(self, key, value):
+        self.arr[(self.k,) + (key if isinstance(key, tuple) else (key,))] = value
+
+
+def _create_labels_zarr(path: Path, shape: tuple, name: str):
+    """An empty int32 NGFF labels group (``io.create_labels_zarr``), filled region by region."""
+    from . import io
+
+    return io.create_labels_zarr(path, shape, name=name, overwrite=True)
+
+def _blocks(shape, chunks):
+    """(slices) covering a 2D ``shape`` in blocks of ``chunks``."""
+    for r in range(0, shape[0], chunks[0]):
+        for c in range(0, shape[1], chunks[1]):
+            yield slice(r, min(r + chunks[0], shape[0])), slice(c, min(c + chunks[1], shape[1]))
+
+
+def _count_labels(labels) -> tuple[dict[int, int], int]:
+    """Pixels per id and the number of labelled slices, read one chunk at a time."""
+    import numpy as np
+
+    counts: dict[int, int] = {}
+    planes = (
+        [labels]
+        if len(labels.shape) == 2
+        else [
+            labels[k] if isinstance(labels, np.ndarray) else _Plane(labels, k)
+            for k in range(labels.shape[0])
+        ]
+    )
+    labelled = 0
+    for plane in planes:
+        if isinstance(plane, np.ndarray):
+            blocks = [np.asarray(plane)]
+        else:
+            step = tuple(labels.chunks[-2:])
+            blocks = (np.asarray(plane[b]) for b in _blocks(plane.shape, step))
+        any_label = False
+        for block in blocks:
+            ids, n = np.unique(block, return_counts=True)
+            for i, c in zip(ids.tolist(), n.tolist(), strict=True):
+                if i != 0:
+                    counts[i] = counts.get(i, 0) + c
+                    any_label = True
+        labelled += any_label
+    return counts, labelled
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def _cache_path(value: str | None) -> Path | None:
+    if value is None:
+        return None
+    if value == "default":
+        from .embedding_store import default_cache_path
+
+        return default_cache_path()
+    return Path(value).expanduser()
+
+
+def _is_cache(path: Path) -> bool:
+    """True if ``path`` holds a napari-sam3 embedding cache (read-only check)."""
+    from .embedding_store import STORE_KIND
+
+    try:
+        meta = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+        return meta.get("attributes", {}).get("napari_sam3", {}).get("kind") == STORE_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _cache_problem(path: Path, strict: bool = False) -> str | None:
+    """Why ``path`` cannot be the cache, or None; changes nothing on disk.
+
+    Always refused: a folder of other data (the cache would be written into it). With
+    ``strict`` (precompute, before loading the model), also what the store itself would
+    refuse later: a file, a Zarr store of another kind, a place that cannot be written.
+    """
+    why = None
+    if path.is_dir() and not (path / "zarr.json").is_file() and any(path.iterdir()):
+        why = "a folder that is not a napari-sam3 embedding cache; choose an empty or new folder"
+    elif strict:
+        existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            why = "not a folder" if existing == path else f"{existing} is not a folder"
+        elif existing == path and (path / "zarr.json").is_file() and not _is_cache(path):
+            why = "a Zarr store that is not a napari-sam3 embedding cache"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            why = f"{existing} is not writable"
+    return None if why is None else f"cannot use the embedding cache at {path} ({why})"
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
 
 
 @contextlib.contextmanager
@@ -333,54 +840,254 @@ def _quiet_local_load(model: str):
             hf_logging.enable_progress_bar()
 
 
-def _cmd_segment(args) -> int:
-    import numpy as np
-
-    image = _load_image(args.image)
-    shape = tuple(int(s) for s in image.shape[:2])
-    prompts = _load_prompts(args.prompts, shape)
-    out = _check_output(args.out, args.image, args.overwrite)
-    try:
-        pixels = np.asarray(image)
-    except Exception as e:  # noqa: BLE001 - e.g. a corrupt Zarr chunk
-        raise CliError(f"cannot read image {args.image!r}: {type(e).__name__}: {e}") from None
-    if pixels.dtype == bool:
-        pixels = pixels.astype(np.uint8)
-
+def _load_segmenter(args, cache: Path | None, on_cache_warning, video: bool = False):
+    """Sam3Segmenter.from_pretrained with the CLI's options; errors are one line, exit 2."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from .model import ModelLoadError
     from .segmenter import Sam3Segmenter
 
     try:
         with _quiet_local_load(args.model):
-            segmenter = Sam3Segmenter.from_pretrained(args.model, device=args.device)
+            segmenter = Sam3Segmenter.from_pretrained(
+                args.model,
+                device=args.device,
+                cache=cache,
+                cache_dtype=args.cache_dtype,
+                tile_size=args.tile,
+                overlap=args.overlap,
+                on_cache_warning=on_cache_warning,
+            )
+            if video:
+                segmenter.video_tracker()  # fails here, before anything is written
     except ModelLoadError as e:
         raise CliError(e) from None
+    except ValueError as e:
+        if "overlap" in str(e) or "tile size" in str(e):  # TileGrid's checks
+            raise CliError(f"--tile/--overlap: {e}") from None
+        raise CliError(f"cannot load model {args.model!r}: {type(e).__name__}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a broken checkpoint must not print a traceback
         raise CliError(f"cannot load model {args.model!r}: {type(e).__name__}: {e}") from None
+    return segmenter
 
-    try:
-        labels = segmenter.segment(
-            pixels,
-            prompts,
-            max_hole_area=args.max_hole_area,
-            max_sprinkle_area=args.max_sprinkle_area,
+
+# -------------------------------------------------------------------------- segment
+
+
+def _cmd_segment(args) -> int:
+    import numpy as np
+
+    inp = _load_input(args.image, args.axis)
+    _check_limits(args.limits)
+    _check_tiling(args)
+    if args.propagate and not inp.is_stack:
+        h, w = inp.plane_shape
+        raise CliError(
+            f"--propagate needs a 3D stack (Z, Y, X); image {args.image!r} is a 2D {h}x{w} image"
         )
-        _write_atomic(out, labels, args.overwrite)
+    range_opts = [
+        name
+        for name, value in (
+            ("--start", args.start),
+            ("--stop", args.stop),
+            ("--stop-after", args.stop_after),
+            ("--score-threshold", args.score_threshold),
+        )
+        if value is not None
+    ]
+    if range_opts and not args.propagate:
+        raise CliError(f"{', '.join(range_opts)} only apply with --propagate")
+    objects = _load_prompts(args.prompts, inp)
+    prompts_by_slice = _by_slice(objects)
+    if args.propagate:
+        start = 0 if args.start is None else args.start
+        stop = inp.depth if args.stop is None else args.stop
+        if not 0 <= start < stop <= inp.depth:
+            raise CliError(
+                f"--start {start} --stop {stop}: need 0 <= start < stop <= {inp.depth} "
+                f"(the stack has {inp.depth} slices)"
+            )
+        if not any(start <= k < stop for k in prompts_by_slice):
+            raise CliError(
+                f"no prompted slice between --start {start} and --stop {stop} (exclusive); "
+                f"prompted slices: {', '.join(map(str, prompts_by_slice))}"
+            )
+        if inp.frames.rgb and inp.frames.shape[-1] == 2:
+            raise CliError("--propagate does not take 2-channel stacks; use 1, 3 or 4 channels")
+    out = _check_output(args.out, args.image, args.overwrite)
+    cache = _cache_path(args.cache)
+    if cache is not None and (problem := _cache_problem(cache)):
+        _warn(problem + _MEMORY_ONLY)
+        cache = None
+    limits = _resolve_limits(inp, args.limits)
+
+    segmenter = _load_segmenter(args, cache, _warn, video=bool(args.propagate))
+    shape = (inp.depth, *inp.plane_shape) if inp.is_stack else tuple(inp.plane_shape)
+    post = dict(max_hole_area=args.max_hole_area, max_sprinkle_area=args.max_sprinkle_area)
+    to_zarr = out.suffix.lower() == ".zarr"
+    try:
+        with _staging(out) as staged:
+            if to_zarr:  # filled region by region: the label image is never all in memory
+                labels = _create_labels_zarr(staged, shape, out.stem)
+            else:
+                labels = np.zeros(shape, dtype=np.int32)
+            if args.propagate:
+                _propagate(segmenter, inp, prompts_by_slice, labels, limits, args, post)
+            elif inp.is_stack:
+                for k, objs in prompts_by_slice.items():
+                    target = labels[k] if isinstance(labels, np.ndarray) else _Plane(labels, k)
+                    _segment_into(segmenter, inp.frames[k], objs, target, limits, post)
+            else:
+                _segment_into(segmenter, inp.plane, prompts_by_slice[None], labels, limits, post)
+            counts, labelled = _count_labels(labels)
+            if not to_zarr:
+                from . import io
+
+                io.write_labels(staged, labels)
+            _commit(staged, out, args.overwrite)
     except CliError:
         raise
     except Exception as e:  # noqa: BLE001 - one line, status 1, nothing written
-        err = CliError(f"segmentation failed: {type(e).__name__}: {e}")
-        err.status = 1
-        raise err from None
+        raise _failed(f"segmentation failed: {type(e).__name__}: {e}") from None
 
-    counts = np.bincount(labels.ravel(), minlength=len(prompts) + 1)
-    per_id = ", ".join(f"{i}: {int(counts[i])}" for i in range(1, len(prompts) + 1))
-    n = len(prompts)
-    print(
-        f"segmented {n} object{'s' if n != 1 else ''} in {shape[0]}x{shape[1]} image; "
-        f"pixels per id {{{per_id}}}; wrote {out}"
+    ids = sorted({o.id for o in objects})
+    per_id = ", ".join(f"{i}: {counts.get(i, 0)}" for i in ids)
+    n = len(ids)
+    what = f"{n} object{'s' if n != 1 else ''}"
+    if args.propagate:
+        done = f"propagated {what} ({args.propagate}) through a {inp.describe()}"
+        done += f", {labelled} of {inp.depth} slices labelled"
+    elif inp.is_stack:
+        m = len(prompts_by_slice)
+        done = f"segmented {what} on {m} slice{'s' if m != 1 else ''} of a {inp.describe()}"
+    else:
+        done = f"segmented {what} in {inp.describe()}"
+    print(f"{done}; pixels per id {{{per_id}}}; wrote {out}")
+    return 0
+
+
+def _segment_into(segmenter, image, objs: dict, out, limits, post) -> None:
+    """Segment ``{id: prompt}`` on one image into ``out`` (object -> its id)."""
+    segmenter.segment(image, list(objs.values()), ids=list(objs), limits=limits, out=out, **post)
+
+
+def _propagate(segmenter, inp: _Input, prompts_by_slice, labels, limits, args, post) -> None:
+    """``Sam3Segmenter.propagate`` into ``labels``, with a progress line per slice."""
+    from .segmenter import write_slice
+
+    results = segmenter.iter_propagate(
+        inp.data,
+        prompts_by_slice,
+        inp.axis,
+        args.propagate,
+        args.start,
+        args.stop,
+        fixed=inp.fixed,
+        limits=limits,
+        score_threshold=0.0 if args.score_threshold is None else args.score_threshold,
+        stop_after=3 if args.stop_after is None else args.stop_after,
     )
+    for result in results:
+        write_slice(labels, result, **post)
+        ids = ", ".join(map(str, result.ids)) or "none"
+        print(f"slice {result.index} tracked (ids {ids})", flush=True)
+
+
+# ----------------------------------------------------------------------- precompute
+
+
+def _check_region(region, shape) -> tuple[int, int, int, int] | None:
+    if region is None:
+        return None
+    r0, c0, r1, c1 = region
+    h, w = shape
+    if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
+        raise CliError(
+            f"--region {r0} {c0} {r1} {c1} is outside the {h}x{w} image or empty: need "
+            f"0 <= R0 < R1 <= {h} and 0 <= C0 < C1 <= {w}"
+        )
+    return r0, c0, r1, c1
+
+
+def _cmd_precompute(args) -> int:
+    inp = _load_input(args.image, args.axis)
+    _check_limits(args.limits)
+    _check_tiling(args)
+    region = _check_region(args.region, inp.plane_shape)
+    cache = _cache_path(args.cache)
+    if problem := _cache_problem(cache, strict=True):
+        raise CliError(f"precompute needs a usable cache: {problem}")
+    limits = _resolve_limits(inp, args.limits)
+
+    problems: list[str] = []
+    segmenter = _load_segmenter(args, cache, problems.append)  # creates the cache
+    if problems:
+        raise CliError(f"precompute needs a usable cache: {problems[0].removesuffix(_MEMORY_ONLY)}")
+    images = [inp.frames[k] for k in range(inp.depth)] if inp.is_stack else [inp.plane]
+    encoded = cached = 0
+    t0 = time.perf_counter()
+    try:
+        for k, image in enumerate(images, 1):
+            where = f"slice {k - 1} ({k}/{len(images)}) " if inp.is_stack else ""
+            for done, total, was_encoded in segmenter.precompute(image, limits, region):
+                if problems:  # the cache became unusable, e.g. the disk is full
+                    raise _failed("precompute stopped: " + problems[0].removesuffix(_MEMORY_ONLY))
+                encoded += was_encoded
+                cached += not was_encoded
+                state = "encoded" if was_encoded else "cached"
+                print(f"{where}tile {done}/{total} {state}", flush=True)
+    except CliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line, status 1
+        raise _failed(f"precompute failed: {type(e).__name__}: {e}") from None
+    seconds = time.perf_counter() - t0
+    store = segmenter.store
+    n = encoded + cached
+    on = f" on {inp.depth} slices" if inp.is_stack else ""
+    print(
+        f"precomputed {n} tile{'s' if n != 1 else ''}{on} of a {inp.describe()}: "
+        f"{encoded} encoded, {cached} cached, in {seconds:.1f} s; cache {store.path}: "
+        f"{len(store.disk_entries())} entries, {_human_bytes(store.disk_bytes())} on disk"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def _open_existing_cache(args):
+    """The EmbeddingStore at --cache if a napari-sam3 cache is there; None if nothing is."""
+    from .embedding_store import EmbeddingStore
+
+    path = _cache_path(args.cache)
+    if not path.exists():
+        return path, None
+    if not _is_cache(path):
+        raise CliError(f"{str(path)!r} is not a napari-sam3 embedding cache")
+    problems: list[str] = []
+    store = EmbeddingStore(path, on_warning=problems.append)
+    if problems:
+        raise CliError(problems[0].removesuffix(_MEMORY_ONLY))
+    return path, store
+
+
+def _cmd_cache_info(args) -> int:
+    path, store = _open_existing_cache(args)
+    entries = len(store.disk_entries()) if store else 0
+    size = store.disk_bytes() if store else 0
+    print(f"cache: {path}{'' if store else ' (does not exist yet)'}")
+    print(f"entries: {entries}")
+    print(f"size: {_human_bytes(size)} ({size} bytes)")
+    return 0
+
+
+def _cmd_cache_clear(args) -> int:
+    path, store = _open_existing_cache(args)
+    if store is None:
+        print(f"no cache at {path}; nothing to clear")
+        return 0
+    entries, size = len(store.disk_entries()), store.disk_bytes()
+    store.clear()
+    print(f"cleared {entries} entries ({_human_bytes(size)}) from {path}")
     return 0
 
 

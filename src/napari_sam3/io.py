@@ -165,44 +165,40 @@ def _normalize_chunks(chunks: int | Sequence[int] | None, shape: tuple[int, ...]
     return tuple(max(1, min(c, s)) for c, s in zip(requested, shape, strict=True))
 
 
-def write_labels_zarr(
+def create_labels_zarr(
     path: str | os.PathLike,
-    labels: Any,
+    shape: Sequence[int],
+    dtype=np.int32,
     chunks: int | Sequence[int] | None = None,
     overwrite: bool = False,
     *,
     name: str | None = None,
     scale: Sequence[float] | None = None,
-) -> str:
-    """Write labels as a Zarr v3 OME-NGFF-style image group with one array ``"0"``.
+):
+    """An empty (all 0) labels image as a Zarr v3 OME-NGFF-style group; returns array "0".
 
     Group attributes carry ``multiscales`` (OME-NGFF 0.4 layout: axes ``y, x`` or
     ``z, y, x``, one dataset ``"0"`` with a ``scale`` transform) plus ``image-label``;
     the same multiscales also sit under ``ome`` (0.5 layout, the one for Zarr v3).
-    The array is ``int32`` (or the input's wider integer dtype if it cannot be cast
-    losslessly), Blosc/zstd compressed, chunked ``(1, 1024, 1024)``/``(1024, 1024)`` by
-    default (clipped to the shape). Non-numpy inputs (dask, zarr, memmaps) are written
-    one chunk at a time, so they never need to fit in memory. Returns the path.
+    Blosc/zstd compressed, chunked ``(1, 1024, 1024)``/``(1024, 1024)`` by default
+    (clipped to the shape). Chunks never written stay 0 and take no disk, so the array
+    can be filled region by region, far larger than memory.
     """
     import zarr
     from zarr.codecs import BloscCodec, BloscShuffle
 
     p = _check_target(path, overwrite)
-    src_dtype = _check_labels(labels)
-    shape = tuple(int(s) for s in labels.shape)
+    shape = tuple(int(s) for s in shape)
     ndim = len(shape)
-    out_dtype = np.dtype(np.int32) if np.can_cast(src_dtype, np.int32) else src_dtype
+    if ndim not in _AXES:
+        raise ValueError(f"labels must be 2D or 3D, got shape {shape}")
     chunk_shape = _normalize_chunks(chunks, shape)
-    if scale is None:
-        scale = [1.0] * ndim
-    scale = [float(s) for s in scale]
+    scale = [1.0] * ndim if scale is None else [float(s) for s in scale]
     if len(scale) != ndim:
         raise ValueError(f"scale {scale} does not match labels with {ndim} dimensions")
-
     axes_names = _AXES[ndim]
-    axes = [{"name": a, "type": "space"} for a in axes_names]
     multiscale = {
-        "axes": axes,
+        "axes": [{"name": a, "type": "space"} for a in axes_names],
         "datasets": [
             {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
         ],
@@ -213,25 +209,45 @@ def write_labels_zarr(
         "image-label": {"version": "0.4"},
         "ome": {"version": "0.5", "multiscales": [multiscale], "image-label": {}},
     }
-
     if p.exists():
         _remove(p)
     group = zarr.open_group(p, mode="w", zarr_format=3, attributes=attrs)
-    arr = group.create_array(
+    return group.create_array(
         "0",
         shape=shape,
-        dtype=out_dtype,
+        dtype=np.dtype(dtype),
         chunks=chunk_shape,
         compressors=BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle),
         fill_value=0,
         dimension_names=list(axes_names),
     )
+
+
+def write_labels_zarr(
+    path: str | os.PathLike,
+    labels: Any,
+    chunks: int | Sequence[int] | None = None,
+    overwrite: bool = False,
+    *,
+    name: str | None = None,
+    scale: Sequence[float] | None = None,
+) -> str:
+    """Write labels as a Zarr v3 OME-NGFF-style image (see :func:`create_labels_zarr`).
+
+    The array is ``int32`` (or the input's wider integer dtype if it cannot be cast
+    losslessly). Non-numpy inputs (dask, zarr, memmaps) are written one chunk at a
+    time, so they never need to fit in memory. Returns the path.
+    """
+    src_dtype = _check_labels(labels)
+    out_dtype = np.dtype(np.int32) if np.can_cast(src_dtype, np.int32) else src_dtype
+    arr = create_labels_zarr(path, labels.shape, out_dtype, chunks, overwrite,
+                             name=name, scale=scale)
     if type(labels) is np.ndarray:  # in memory already: one write
         arr[...] = labels.astype(out_dtype, copy=False)
     else:
-        for region in _chunk_regions(shape, chunk_shape):
+        for region in _chunk_regions(arr.shape, arr.chunks):
             arr[region] = np.asarray(labels[region]).astype(out_dtype, copy=False)
-    return os.fspath(p)
+    return os.fspath(path)
 
 
 def _chunk_regions(shape: tuple[int, ...], chunks: tuple[int, ...]):

@@ -438,8 +438,9 @@ class Sam3Segmenter:
     def segment(self, image, prompts: Sequence[ObjectPrompt], *,
                 max_hole_area: int = DEFAULTS.max_hole_area,
                 max_sprinkle_area: int = DEFAULTS.max_sprinkle_area,
-                limits=None, out=None) -> np.ndarray:
-        """Labels for ``prompts`` on ``image``: int32, 0 background, object i -> id i+1.
+                limits=None, ids=None, out=None) -> np.ndarray:
+        """Labels for ``prompts`` on ``image``: int32, 0 background, object i -> id i+1
+        (or ``ids[i]``).
 
         ``image`` is (H, W) or (H, W, C), NumPy or lazy (Zarr, dask). Repeated calls on
         the same image reuse its embeddings. Overlaps go to the object with the highest
@@ -451,7 +452,7 @@ class Sam3Segmenter:
         objects = self.predict_objects(image, prompts, limits) if prompts else []
         if out is None:
             out = np.zeros(shape, dtype=np.int32)
-        paste_objects(out, [(o.region, o.logits) for o in objects],
+        paste_objects(out, [(o.region, o.logits) for o in objects], ids,
                       max_hole_area=max_hole_area, max_sprinkle_area=max_sprinkle_area)
         return out
 
