@@ -434,6 +434,21 @@ class Sam3Segmenter:
             write_slice(out, result, max_hole_area, max_sprinkle_area)
         return out
 
+    # -- everything at once -----------------------------------------------------------------
+    def segment_concept(self, image, text=None, exemplars=None, threshold=0.5, **options):
+        """int32 labels of every instance of a concept: a noun phrase (``text``) and/or
+        exemplar boxes (row0, col0, row1, col1); see :mod:`napari_sam3.concept`."""
+        from .concept import segment_concept
+
+        return segment_concept(self, image, text, exemplars, threshold, **options)
+
+    def segment_everything(self, image, **options):
+        """int32 labels of every object, from a grid of point prompts per tile; see
+        :mod:`napari_sam3.everything`."""
+        from .everything import segment_everything
+
+        return segment_everything(self, image, **options)
+
     # -- one call ---------------------------------------------------------------------------
     def segment(self, image, prompts: Sequence[ObjectPrompt], *,
                 max_hole_area: int = DEFAULTS.max_hole_area,

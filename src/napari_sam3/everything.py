@@ -1,0 +1,335 @@
+"""Segment everything: automatic instance segmentation with a grid of point prompts.
+
+The recipe of transformers' ``mask-generation`` pipeline (SAM's automatic mask
+generator), run tile by tile on a :class:`~napari_sam3.segmenter.Sam3Segmenter`:
+
+1. each tile's image embedding comes from the segmenter, i.e. from its memory and
+   Zarr caches (the same embeddings that point and box prompts use), and is only
+   computed when missing;
+2. a ``points_per_side`` x ``points_per_side`` grid of single positive points is
+   placed on the tile (on its image part, not on the zero padding) and decoded
+   ``points_per_batch`` points at a time, three masks per point;
+3. masks are kept when their predicted IoU is above ``pred_iou_thresh`` and their
+   stability score (IoU of the mask thresholded at ``mask_threshold`` +- ``offset``)
+   above ``stability_score_thresh``; within a tile, duplicates are removed by box
+   NMS (``box_nms_thresh``, torchvision's ``batched_nms`` as in the pipeline);
+4. tiles are merged by :func:`napari_sam3.instances.merge_tiles` (seam-aware: an
+   object is taken from the tile that holds it whole, farthest from a seam);
+5. masks are cleaned (small holes filled, specks removed), objects smaller than
+   ``min_area`` pixels dropped, and the rest written as instance labels in order of
+   decreasing predicted IoU, never over existing labels unless ``overwrite``.
+
+On one tile, with ``min_area=0``, no clean-up and ``max_area_fraction=None``, the
+masks and scores equal the pipeline's (tests check this), except that empty masks
+are dropped and the no-memory embedding is added as the segmenter does.
+
+torch is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .instances import Instance, Painted, clean_instances, merge_tiles, paint_labels
+from .postprocess import DEFAULTS as CLEANUP
+from .prompts import rowcol_to_xy
+
+
+@dataclass(frozen=True)
+class EverythingSettings:
+    """Settings of automatic mask generation; defaults suit microscopy on 1008 px tiles.
+
+    ``points_per_side`` points per tile side (32: one prompt every ~31 px on a SAM3
+    tile; raise it for small, dense cells). ``min_area``: objects smaller than this
+    (pixels) are dropped. ``max_area_fraction``: masks covering more than this
+    fraction of a tile are dropped before NMS (SAM often offers "the background" as
+    a mask); None keeps them.
+    """
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    mask_threshold: float = 0.0
+    box_nms_thresh: float = 0.7
+    min_area: int = 25
+    max_area_fraction: float | None = 0.5
+    max_hole_area: int = CLEANUP.max_hole_area
+    max_sprinkle_area: int = CLEANUP.max_sprinkle_area
+    match_iou: float = 0.5
+
+    def __post_init__(self):
+        if self.points_per_side < 1:
+            raise ValueError("points_per_side must be at least 1")
+        if self.points_per_batch < 1:
+            raise ValueError("points_per_batch must be at least 1")
+
+
+SETTINGS = EverythingSettings()
+FEATURE_KEYS = ("iou_score", "stability_score")
+
+
+def point_grid(n_per_side: int) -> np.ndarray:
+    """(n*n, 2) float32 fractions (row, col) of a tile, cell centres, row by row.
+
+    Built exactly as transformers' ``_build_point_grid`` (same float32 values and
+    order), so one tile matches the pipeline bit for bit.
+    """
+    import torch
+
+    offset = 1 / (2 * n_per_side)
+    side = torch.linspace(offset, 1 - offset, n_per_side)
+    cols = torch.tile(side[None, :], (n_per_side, 1))
+    rows = torch.tile(side[:, None], (1, n_per_side))
+    return torch.stack([rows, cols], dim=-1).reshape(-1, 2).numpy()
+
+
+def _grid_points(n_per_side: int, shape) -> np.ndarray:
+    """The grid in pixels (row, col) of an image part of ``shape``, float32 like the pipeline."""
+    import torch
+
+    frac = torch.from_numpy(point_grid(n_per_side))
+    return (frac * torch.tensor([int(shape[0]), int(shape[1])])).numpy()
+
+
+def decode_tile(segmenter, embedding, model_shape, valid_shape, settings: EverythingSettings,
+                *, offset=(0, 0), tile: int = 0, progress: Callable | None = None
+                ) -> list[Instance]:
+    """Every mask the point grid finds in one encoded tile, after filtering and box NMS.
+
+    ``model_shape``: the (H, W) handed to the model (the padded tile); ``valid_shape``:
+    its image part (top-left), where points go and masks are kept. Instances are in
+    image coordinates (``offset`` = the tile's origin), in NMS order.
+    """
+    import torch
+    from torchvision.ops import batched_nms
+
+    s = settings
+    model, proc = segmenter.model, segmenter.processor
+    h, w = (int(v) for v in valid_shape)
+    big, bw = (int(v) for v in model_shape)
+    points = _grid_points(s.points_per_side, (h, w))
+    max_area = None if s.max_area_fraction is None else s.max_area_fraction * h * w
+    found: list[Instance] = []
+    starts = range(0, len(points), s.points_per_batch)
+    for b, start in enumerate(starts):
+        batch = points[start:start + s.points_per_batch]
+        # original sizes as Python ints (return_tensors=None): the processor then scales
+        # the points in double precision, exactly as the pipeline does
+        enc = proc(original_sizes=[[big, bw]], input_points=[[[xy] for xy in rowcol_to_xy(batch)]],
+                   input_labels=[[[1] for _ in range(len(batch))]], return_tensors=None)
+        with torch.inference_mode():
+            out = model(image_embeddings=embedding.features,
+                        input_points=enc["input_points"].to(segmenter.device, segmenter.dtype),
+                        input_labels=enc["input_labels"].to(segmenter.device),
+                        multimask_output=True)
+            low = out.pred_masks[0].flatten(0, 1).float()  # (P*3, m, m), point-major
+            ious = out.iou_scores[0].flatten(0, 1).float()
+            cand = torch.arange(len(ious), device=ious.device)
+            if s.pred_iou_thresh > 0.0:  # before upsampling: same result, far less work
+                cand = cand[ious > s.pred_iou_thresh]
+            for chunk in cand.split(16):
+                found += _filter_chunk(proc, low[chunk], ious[chunk], (big, bw), (h, w), s,
+                                       offset, tile, max_area)
+        if progress is not None:
+            progress(b + 1, len(starts))
+    if not found:
+        return []
+    boxes = torch.tensor([_xyxy_inclusive(x) for x in found], dtype=torch.float32)
+    scores = torch.tensor([x.score for x in found], dtype=torch.float32)
+    keep = batched_nms(boxes, scores, torch.zeros(len(found), dtype=torch.int64),
+                       s.box_nms_thresh)
+    return [found[i] for i in keep.tolist()]
+
+
+def _filter_chunk(proc, low, ious, model_shape, valid_shape, s, offset, tile, max_area):
+    import torch
+
+    h, w = valid_shape
+    # upsampled on the model's device (as the pipeline does), cut to the tile's image part
+    up = proc.post_process_masks([low[:, None]], [list(model_shape)], binarize=False)[0]
+    up = up[:, 0, :h, :w]
+    ious = ious.cpu()
+    keep = torch.ones(len(up), dtype=torch.bool)
+    inter = (up > s.mask_threshold + s.stability_score_offset).flatten(1).sum(1)
+    union = (up > s.mask_threshold - s.stability_score_offset).flatten(1).sum(1)
+    stability = torch.nan_to_num(inter / union).cpu()  # 0/0 (nothing above the low cut): 0
+    if s.stability_score_thresh > 0.0:
+        keep &= stability > s.stability_score_thresh
+    binary = (up > s.mask_threshold).cpu().numpy()
+    out = []
+    for i in torch.nonzero(keep).flatten().tolist():
+        inst = Instance.from_mask(binary[i], float(ious[i]), offset, tile,
+                                  iou_score=float(ious[i]), stability_score=float(stability[i]))
+        if inst is None:  # empty mask (the pipeline keeps it with a zero box)
+            continue
+        if max_area is not None and inst.area > max_area:
+            continue
+        out.append(inst)
+    return out
+
+
+def _xyxy_inclusive(inst: Instance) -> list[float]:
+    """The pipeline's box convention: (x0, y0, x1, y1) of the first and last mask pixels."""
+    r0, c0, r1, c1 = inst.bbox
+    return [c0, r0, c1 - 1, r1 - 1]
+
+
+@dataclass
+class EverythingResult:
+    """Instances of one 2D image; :meth:`labels` writes them (cheap, no model)."""
+
+    shape: tuple[int, int]
+    instances: list[Instance]  # merged across tiles and cleaned, by decreasing score
+    settings: EverythingSettings
+    painted: Painted | None = field(default=None, repr=False)
+
+    def labels(self, out=None, *, overwrite: bool = False, start_id: int | None = None,
+               min_area: int | None = None) -> np.ndarray:
+        """int32 instance labels (ids by decreasing predicted IoU); see ``paint_labels``."""
+        min_area = self.settings.min_area if min_area is None else min_area
+        out, self.painted = paint_labels(self.instances, self.shape, out, overwrite=overwrite,
+                                         start_id=start_id, min_area=min_area)
+        return out
+
+    @property
+    def features(self) -> dict[str, np.ndarray]:
+        """napari features of the last :meth:`labels`: index, score, area, iou/stability."""
+        if self.painted is None:
+            self.labels()
+        return self.painted.features(FEATURE_KEYS)
+
+
+def _settings(settings: EverythingSettings | None, overrides: dict) -> EverythingSettings:
+    base = settings or SETTINGS
+    if not overrides:
+        return base
+    unknown = set(overrides) - set(EverythingSettings.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return EverythingSettings(**{**base.__dict__, **overrides})
+
+
+def generate_everything(segmenter, image, *, settings: EverythingSettings | None = None,
+                        limits=None, progress: Callable | None = None, **overrides
+                        ) -> EverythingResult:
+    """Find every object in a 2D image ((H, W) or (H, W, C); NumPy, Zarr or dask).
+
+    Settings: an :class:`EverythingSettings` and/or its fields as keywords.
+    ``progress(done, total)`` is called after each batch of points (raise from it to
+    stop). Tiles already in the segmenter's caches are not encoded again.
+    """
+    s = _settings(settings, overrides)
+    shape = tuple(int(v) for v in image.shape[:2])
+    grid = segmenter.tiles(image)
+    n_batches = -(-s.points_per_side ** 2 // s.points_per_batch)
+    total = len(grid) * n_batches
+    found: list[Instance] = []
+    if grid.single:
+        tiles = [(0, None, segmenter.encode(image, limits), shape, shape, (0, 0))]
+    else:
+        limits = segmenter.resolve_limits(image, limits)
+        tiles = ((k, t, None, grid.padded_shape(t), t.shape, (t.r0, t.c0))
+                 for k, t in enumerate(grid.tiles))
+    for k, tile, emb, model_shape, valid_shape, origin in tiles:
+        if emb is None:
+            emb = segmenter.encode_tile(image, grid, tile, limits)
+        done = k * n_batches
+        report = None if progress is None else (lambda i, _n, d=done: progress(d + i, total))
+        found += decode_tile(segmenter, emb, model_shape, valid_shape, s, offset=origin,
+                             tile=k, progress=report)
+    merged = merge_tiles(found, grid, match_iou=s.match_iou)
+    cleaned = clean_instances(merged, s.min_area, s.max_hole_area, s.max_sprinkle_area)
+    return EverythingResult(shape, cleaned, s)
+
+
+def segment_everything(segmenter, image, *, settings: EverythingSettings | None = None,
+                       limits=None, out=None, overwrite: bool = False, rgb: bool | None = None,
+                       progress: Callable | None = None, **overrides) -> np.ndarray:
+    """int32 instance labels of every object found in ``image`` (0: background).
+
+    ``image``: (H, W), (H, W, C) with C <= 4, or a stack (Z, H, W[, C]) segmented slice
+    by slice (ids unique across slices). ``rgb`` says whether the last axis is
+    channels (default: the package's rule, see :mod:`napari_sam3.normalize`).
+    ``out``: existing labels to add to (kept unless ``overwrite``; new ids above its
+    maximum). Keyword settings as in :class:`EverythingSettings`.
+    """
+    if is_stack(image, rgb):
+        lim = stack_limits(image, limits)
+
+        def one(z, labels, start_id):
+            res = generate_everything(segmenter, image[z], settings=settings, limits=lim,
+                                      progress=progress, **overrides)
+            return res.labels(labels, overwrite=overwrite, start_id=start_id)
+
+        return segment_stack(one, image, out)
+    res = generate_everything(segmenter, image, settings=settings, limits=limits,
+                              progress=progress, **overrides)
+    return res.labels(out, overwrite=overwrite)
+
+
+# -- stacks (shared with concept.py) ----------------------------------------------------------
+def is_stack(image, rgb: bool | None = None) -> bool:
+    """True for (Z, H, W) and (Z, H, W, C) data, False for one (H, W) or (H, W, C) image.
+
+    ``rgb``: whether the last axis holds channels; None applies the package's rule
+    (a last axis of 2 to 4 is channels, see :mod:`napari_sam3.normalize`).
+    """
+    shape = tuple(image.shape)
+    if len(shape) == 2:
+        return False
+    if len(shape) == 3:
+        channels = shape[-1] in (2, 3, 4) if rgb is None else bool(rgb)
+        return not channels
+    if len(shape) == 4:
+        return True
+    raise ValueError(f"expected a 2D image or a stack of them, got shape {shape}")
+
+
+def stack_limits(stack, limits=None, n_slices: int = 8):
+    """One set of intensity limits for every slice of ``stack`` (None: uint8 RGB as is).
+
+    From up to ``n_slices`` evenly spaced slices: the lowest low and highest high of
+    their limits, so no slice is clipped much more than the others.
+    """
+    from .normalize import image_limits
+
+    if limits is not None:
+        return limits
+    z = stack.shape[0]
+    picks = np.unique(np.linspace(0, z - 1, min(z, n_slices)).astype(int))
+    per_slice = [image_limits(stack[int(i)]) for i in picks]
+    if per_slice[0] is None:
+        return None
+    arr = np.asarray(per_slice, dtype=float)  # (k, 2) or (k, channels, 2)
+    return np.stack([arr[..., 0].min(axis=0), arr[..., 1].max(axis=0)], axis=-1).tolist()
+
+
+def segment_stack(segment_slice, stack, out=None) -> np.ndarray:
+    """Run ``segment_slice(z, out_slice, start_id) -> labels`` over axis 0 of ``stack``.
+
+    New ids are unique across the stack (each slice starts above every id so far).
+    """
+    from .instances import next_label
+
+    shape = tuple(int(v) for v in stack.shape[:3])
+    if out is None:
+        out = np.zeros(shape, dtype=np.int32)
+    elif tuple(out.shape[:3]) != shape:
+        raise ValueError(f"labels of shape {tuple(out.shape)} do not fit the stack {shape}")
+    next_id = next_label(out)
+    for z in range(shape[0]):
+        labels = segment_slice(z, np.array(out[z]), next_id)
+        out[z] = labels
+        if labels.size:
+            next_id = max(next_id, int(labels.max()) + 1)
+    return out
+
+
+__all__ = ["EverythingSettings", "EverythingResult", "SETTINGS", "point_grid", "decode_tile",
+           "generate_everything", "segment_everything", "is_stack", "stack_limits",
+           "segment_stack"]

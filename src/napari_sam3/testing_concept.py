@@ -1,0 +1,109 @@
+"""Tiny random SAM3 concept models (``Sam3Model`` + ``Sam3Processor``) for tests.
+
+No download: the config is built from transformers' config classes and the CLIP
+tokenizer from a byte-level vocabulary made here, then saved with
+``save_pretrained`` (safetensors) and loaded back through
+:meth:`napari_sam3.concept.ConceptSegmenter.from_pretrained`, like a real
+``facebook/sam3`` checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .testing import TINY_IMAGE_SIZE
+
+TINY_QUERIES = 8
+_HIDDEN = 32  # FPN, geometry encoder, DETR encoder/decoder and mask decoder width
+
+
+def tiny_concept_config(image_size: int = TINY_IMAGE_SIZE, num_queries: int = TINY_QUERIES,
+                        vocab_size: int = 600):
+    """A ~0.3M-parameter ``Sam3Config``: ViT hidden 64, 2 layers, image 112, patch 14."""
+    from transformers import (
+        CLIPTextConfig,
+        Sam3Config,
+        Sam3DETRDecoderConfig,
+        Sam3DETREncoderConfig,
+        Sam3GeometryEncoderConfig,
+        Sam3MaskDecoderConfig,
+        Sam3VisionConfig,
+        Sam3ViTConfig,
+    )
+
+    patch = 14
+    grid = image_size // patch
+    vit = Sam3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, image_size=image_size, patch_size=patch,
+                        window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
+    vision = Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=_HIDDEN,
+                              backbone_feature_sizes=[[grid * 4] * 2, [grid * 2] * 2, [grid] * 2])
+    text = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                          projection_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                          max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1)
+    small = dict(hidden_size=_HIDDEN, num_attention_heads=2, intermediate_size=64, dropout=0.0)
+    return Sam3Config(
+        vision_config=vision,
+        text_config=text,
+        geometry_encoder_config=Sam3GeometryEncoderConfig(num_layers=1, roi_size=2, **small),
+        detr_encoder_config=Sam3DETREncoderConfig(num_layers=1, **small),
+        detr_decoder_config=Sam3DETRDecoderConfig(num_layers=2, num_queries=num_queries, **small),
+        mask_decoder_config=Sam3MaskDecoderConfig(hidden_size=_HIDDEN, num_attention_heads=2,
+                                                  num_upsampling_stages=3),
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def tiny_clip_tokenizer():
+    """A byte-level CLIP tokenizer (517 tokens and 3 merges): every text encodes."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = [("n", "u"), ("c", "l"), ("e", "u")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def tiny_concept_processor(image_size: int = TINY_IMAGE_SIZE):
+    from transformers import Sam3ImageProcessor, Sam3Processor
+
+    return Sam3Processor(
+        image_processor=Sam3ImageProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer=tiny_clip_tokenizer(),
+    )
+
+
+def save_random_concept_model(folder, config=None, seed: int = 0) -> Path:
+    """Build a random ``Sam3Model`` (+ ``Sam3Processor``) and save both to ``folder``."""
+    import torch
+    from transformers import Sam3Model
+
+    config = config or tiny_concept_config()
+    torch.manual_seed(seed)
+    model = Sam3Model(config).eval()
+    side = config.vision_config.backbone_config.image_size
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_concept_processor(side).save_pretrained(folder)
+    return folder
