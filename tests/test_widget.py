@@ -167,6 +167,8 @@ def load_tiny(widget, qtbot, folder):
 
     widget.model_edit.setText(str(folder))
     widget.device_combo.setCurrentText("cpu")
+    widget.cache_edit.setText("")  # memory only and untiled, as tiny_segmenter
+    widget.tile_spin.setValue(1024)
     qtbot.mouseClick(widget.load_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: widget.load_worker is None, timeout=WAIT_MS)
     assert widget.segmenter is not None, widget.status
@@ -507,16 +509,17 @@ def test_bad_inputs_notify_and_change_nothing(
     np.testing.assert_array_equal(preview.data, before)
     assert not labels.data.any()
 
-    # an image that is not 2D
+    # a stack: its own 3D prompt layers; Segment on a slice without prompts says so
     notes.reset()
     stack = viewer.add_image(np.zeros((3, 72, 120), np.float32), name="stack")
     widget.image_combo.setCurrentIndex(widget.image_combo.findText("stack"))
     assert unwrap(widget.image_layer) is stack
     wait_idle(widget, qtbot)
+    assert widget.points_layer.ndim == 3 and widget.labels_layer.data.shape == (3, 72, 120)
     qtbot.mouseClick(widget.segment_button, Qt.MouseButton.LeftButton)
-    msgs = notes.since("error") + notes.since("warning")
-    assert any("2D" in m for m in msgs), msgs
-    assert not labels.data.any()
+    msgs = notes.since("error")
+    assert any("no prompt on slice 0" in m for m in msgs), msgs
+    assert not labels.data.any() and not widget.labels_layer.data.any()
 
 
 def test_rgb_image_and_a_user_points_layer_with_its_own_transform(

@@ -13,7 +13,11 @@ def __getattr__(name):
         from .segmenter import Sam3Segmenter
 
         return Sam3Segmenter
+    if name == "ConceptSegmenter":
+        from .concept import ConceptSegmenter
+
+        return ConceptSegmenter
     raise AttributeError(name)
 
 
-__all__ = ["Sam3Segmenter", "ObjectPrompt", "PromptError", "__version__"]
+__all__ = ["Sam3Segmenter", "ConceptSegmenter", "ObjectPrompt", "PromptError", "__version__"]

@@ -250,3 +250,194 @@ def to_image_coords(layer, image_layer, coords) -> np.ndarray:
         np.asarray(image_layer.world_to_data(layer.data_to_world(c)), dtype=np.float64) for c in arr
     ]
     return np.asarray(out)[:, -2:]
+
+
+# -- stacks and large images ------------------------------------------------------------------
+# An image layer is (*lead, H, W) or (*lead, H, W, C) for RGB: ``lead`` are the z and/or t
+# axes (none for a 2D image). A "slice" is a tuple of lead indices; () for a 2D image.
+
+
+def image_geometry(shape: Sequence[int], rgb: bool, name: str = "image"):
+    """(number of leading z/t axes, (H, W)) of an image layer's data shape, else LayerError."""
+    shape = tuple(int(s) for s in shape)
+    spatial = shape[:-1] if rgb else shape
+    if len(spatial) < 2:
+        raise LayerError(
+            f"'{name}' is a {len(spatial)}D image of shape {shape}: SAM3 segmentation needs "
+            "2D images (H, W), RGB (H, W, C) or stacks (Z/T, ..., H, W)"
+        )
+    if min(spatial) < 1:
+        raise LayerError(f"'{name}' is empty (shape {shape})")
+    return len(spatial) - 2, (spatial[-2], spatial[-1])
+
+
+def format_slice(lead: tuple) -> str:
+    """'slice 3' or 'slice (1, 2)' for messages; '' for a 2D image."""
+    if not lead:
+        return ""
+    return f"slice {lead[0]}" if len(lead) == 1 else f"slice {tuple(int(v) for v in lead)}"
+
+
+class PlaneView:
+    """One 2D(+C) plane of an nD array-like, read lazily: only what is indexed is read.
+
+    Good for NumPy, Zarr and dask stacks alike; ``np.asarray`` reads the whole plane.
+    """
+
+    def __init__(self, data, lead: tuple):
+        self.data, self.lead = data, tuple(int(v) for v in lead)
+        self.shape = tuple(int(s) for s in data.shape[len(self.lead) :])
+        self.dtype = np.dtype(data.dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        return self.data[self.lead + key]
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.asarray(self.data[self.lead])
+        return out if dtype is None else out.astype(dtype)
+
+
+def plane_of(data, lead: tuple):
+    """The plane of ``data`` at ``lead`` (the array itself for a 2D image)."""
+    return data if not lead else PlaneView(data, lead)
+
+
+class AxisView:
+    """(depth, H, W) view of an nD (*lead, H, W) labels array along ``axis`` of ``lead``,
+    the other leading axes fixed: what ``segmenter.write_slice`` writes into."""
+
+    def __init__(self, data, axis: int, fixed: dict[int, int], n_lead: int):
+        self.data, self.axis, self.fixed, self.n_lead = data, int(axis), dict(fixed), n_lead
+        self.shape = (int(data.shape[axis]),) + tuple(int(s) for s in data.shape[n_lead:])
+        self.dtype = data.dtype
+
+    def lead(self, k: int) -> tuple:
+        return tuple(int(k) if a == self.axis else int(self.fixed[a]) for a in range(self.n_lead))
+
+    def _key(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        return self.lead(key[0]) + tuple(key[1:])
+
+    def __getitem__(self, key):
+        return self.data[self._key(key)]
+
+    def __setitem__(self, key, value) -> None:
+        self.data[self._key(key)] = value
+
+
+def to_image_coords_nd(layer, image_layer, coords, world_point=None) -> np.ndarray:
+    """(N, D) data coordinates of ``layer`` -> (N, image ndim) data coordinates of the image.
+
+    Identity when both layers share their transform. A layer with fewer dimensions than
+    the image (e.g. 2D points over a z-stack) takes the missing leading world coordinates
+    from ``world_point`` (the viewer's current position): its prompts are on the current
+    slice.
+    """
+    arr = np.asarray(coords, dtype=np.float64)
+    ndim = int(image_layer.ndim)
+    if arr.size == 0:
+        return np.zeros((0, ndim))
+    arr = arr.reshape(-1, arr.shape[-1])
+    if same_transform(layer, image_layer):
+        return arr
+    out = []
+    for c in arr:
+        world = np.asarray(layer.data_to_world(c), dtype=np.float64)
+        if len(world) < ndim and world_point is not None:
+            full = np.array(world_point, dtype=np.float64)
+            full[len(full) - len(world) :] = world
+            world = full
+        out.append(np.asarray(image_layer.world_to_data(world), dtype=np.float64)[-ndim:])
+    return np.asarray(out)
+
+
+def _lead_of(coords: np.ndarray, n_lead: int) -> tuple:
+    if not n_lead:
+        return ()
+    return tuple(int(v) for v in np.rint(np.asarray(coords, dtype=np.float64)[:n_lead]))
+
+
+def prompts_by_slice(
+    obj_id: int,
+    plane: tuple[int, int],
+    *,
+    n_lead: int = 0,
+    points=None,
+    point_features=None,
+    shapes=None,
+    shape_types=None,
+    shape_features=None,
+    mask=None,
+    only: tuple | None = None,
+) -> dict[tuple, tuple[ObjectPrompt | None, int]]:
+    """``{slice: (ObjectPrompt or None, ignored shapes)}`` of ``obj_id`` on each slice.
+
+    ``points`` (N, n_lead + 2) and each of ``shapes`` (k, n_lead + 2) are image data
+    coordinates; the leading coordinates (rounded) say which slice a prompt belongs to,
+    so prompts drawn on one slice never reach another. ``mask`` is ``(slice, (H, W)
+    bool)`` or None. With ``only`` just that slice is built (prompts on other slices are
+    not even checked).
+    """
+    width = n_lead + 2
+    groups: dict[tuple, dict] = {}
+
+    def group(key):
+        return groups.setdefault(key, {"points": [], "positive": [], "shapes": [], "types": []})
+
+    if points is not None and len(points):
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, width)
+        n = len(pts)
+        ids = _object_ids(point_features, n)
+        positive = np.asarray(feature_column(point_features, "positive", n, True), dtype=bool)
+        for i in np.flatnonzero(ids == int(obj_id)):
+            key = _lead_of(pts[i], n_lead)
+            if only is None or key == only:
+                g = group(key)
+                g["points"].append(pts[i, n_lead:])
+                g["positive"].append(positive[i])
+    if shapes is not None and len(shapes):
+        if len(shape_types) != len(shapes):
+            raise LayerError(f"{len(shapes)} shapes but {len(shape_types)} shape types")
+        ids = _object_ids(shape_features, len(shapes))
+        for i in np.flatnonzero(ids == int(obj_id)):
+            verts = np.asarray(shapes[i], dtype=np.float64).reshape(-1, width)
+            key = _lead_of(verts.mean(axis=0), n_lead)
+            if only is None or key == only:
+                g = group(key)
+                g["shapes"].append(verts[:, n_lead:])
+                g["types"].append(str(shape_types[i]))
+    if mask is not None:
+        key = tuple(int(v) for v in mask[0])
+        if only is None or key == only:
+            group(key)
+    out = {}
+    for key, g in groups.items():
+        k = len(g["points"])
+        prompt, ignored = object_prompt(
+            obj_id,
+            plane,
+            points=np.asarray(g["points"]).reshape(k, 2),
+            point_features={"object_id": np.full(k, obj_id), "positive": np.array(g["positive"])},
+            shapes=g["shapes"],
+            shape_types=g["types"],
+            shape_features={"object_id": np.full(len(g["shapes"]), obj_id)},
+            mask=mask[1] if mask is not None and tuple(mask[0]) == key else None,
+        )
+        out[key] = (prompt, ignored)
+    return out
+
+
+def region_of(corners, plane: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """(row0, col0, row1, col1) pixels of a plane covered by the (row, col) ``corners``
+    of a view (end exclusive, clipped to the plane); None when nothing is covered."""
+    pts = np.asarray(corners, dtype=np.float64).reshape(-1, 2)
+    h, w = plane
+    r0 = int(np.clip(np.floor(pts[:, 0].min() + 0.5), 0, h))
+    c0 = int(np.clip(np.floor(pts[:, 1].min() + 0.5), 0, w))
+    r1 = int(np.clip(np.ceil(pts[:, 0].max() + 0.5), 0, h))
+    c1 = int(np.clip(np.ceil(pts[:, 1].max() + 0.5), 0, w))
+    if r1 <= r0 or c1 <= c0:
+        return None
+    return r0, c0, r1, c1

@@ -8,19 +8,37 @@ Workflow: choose an image (the widget adds "SAM3 points", "SAM3 boxes",
 negative (red, key ``t`` toggles) points or draw a rectangle; the preview
 follows every change (Live). Commit writes the object into the labels layer
 (undoable with napari's undo), then the next object starts.
+
+Stacks (z or t, or t and z, before Y, X): prompts belong to the slice they are
+drawn on; a click segments the current slice with that slice's prompts only,
+and *Propagate* tracks the current object through the stack with all of its
+slices' prompts, writing each slice into the labels layer as it comes.
+
+Large images are never loaded whole: Zarr, dask and multiscale layers (level 0)
+go to the core lazily, which reads and encodes only the tiles that prompts
+touch; the preview is then a crop of the object's tile placed with
+``translate``, and a labels layer for an image of more than ``LARGE_PIXELS``
+pixels is created as a Zarr array in a temporary folder.
+
+Threads: every model call runs in a napari worker; one lock lets one worker
+use the model at a time, taken per tile or slice, so a click is served between
+two tiles of a precompute or two slices of a propagation. Results are written
+into layers on the GUI thread only.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+import threading
+import weakref
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils import notifications
-from qtpy.QtCore import QEvent, QTimer
+from qtpy.QtCore import QEvent, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -38,7 +56,9 @@ from qtpy.QtWidgets import (
 )
 
 from . import _layers
+from .embedding_store import default_cache_path
 from .prompts import PromptError
+from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
 if TYPE_CHECKING:
     import napari
@@ -52,6 +72,11 @@ BOXES_NAME = "SAM3 boxes"
 PREVIEW_NAME = "SAM3 preview"
 LABELS_NAME = "SAM3 labels"
 DEBOUNCE_MS = 150
+# Above this many pixels (voxels for stacks) the labels layer the widget creates is a
+# Zarr array in a temporary folder instead of a NumPy array (64 MiB of int32).
+LARGE_PIXELS = 4096 * 4096
+PRECOMPUTE_SCOPES = ("field of view", "whole image", "all slices")
+DIRECTIONS = ("both", "forward", "backward")  # same names as propagation.DIRECTIONS
 _UNFINISHED = {"adding", "removing", "changing"}
 _MAX_ID = 2**31 - 1
 
@@ -70,11 +95,16 @@ def _user_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _unwrap(obj):
+    """The napari object behind a PublicOnlyProxy (plugins get proxies)."""
+    return getattr(obj, "__wrapped__", obj)
+
+
 def _same(a, b) -> bool:
-    """Identity of layers, seen through napari's PublicOnlyProxy (plugins get proxies)."""
+    """Identity of layers, seen through napari's PublicOnlyProxy."""
     if a is None or b is None:
         return a is b
-    return getattr(a, "__wrapped__", a) is getattr(b, "__wrapped__", b)
+    return _unwrap(a) is _unwrap(b)
 
 
 def _qt_deleted(obj) -> bool:
@@ -117,11 +147,41 @@ def _guarded(method):
     return wrapper
 
 
+# -- what jobs get (captured on the GUI thread) -----------------------------------------------
+@dataclass
+class _Source:
+    """The chosen image layer as the core sees it."""
+
+    layer: object  # the layer (as napari handed it to us)
+    data: object  # full-resolution array-like (level 0 of a multiscale), never loaded whole
+    rgb: bool
+    n_lead: int  # leading z/t axes before (Y, X)
+    plane: tuple[int, int]  # (H, W)
+    limits: tuple[float, float] | None  # one normalisation for every tile and slice
+
+    @property
+    def ndim(self) -> int:
+        return self.n_lead + 2
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.data.shape[: self.ndim])
+
+    @property
+    def large(self) -> bool:
+        return self.plane[0] * self.plane[1] > LARGE_PIXELS
+
+    def plane_at(self, lead: tuple):
+        return _layers.plane_of(self.data, lead)
+
+
 @dataclass
 class _Request:
-    """Everything a segmentation job needs, captured on the GUI thread."""
+    """Everything a segmentation job needs."""
 
-    image: np.ndarray
+    image: object  # the plane to segment (lazy)
+    lead: tuple  # its slice; () for a 2D image
+    spatial_shape: tuple
     limits: tuple[float, float] | None
     prompt: object  # ObjectPrompt
     obj_id: int
@@ -131,48 +191,159 @@ class _Request:
     ignored: int
 
 
-def _load_segmenter(model: str, device: str):
+@dataclass
+class _Preview:
+    """The current object's mask on one slice: labels over ``region`` of that plane."""
+
+    obj_id: int
+    lead: tuple
+    region: tuple[slice, slice]
+    labels: np.ndarray  # int32, obj_id inside the mask, 0 elsewhere
+    spatial_shape: tuple
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.labels > 0
+
+    @property
+    def full(self) -> bool:
+        """A 2D image segmented in one piece: the preview is the whole image."""
+        h, w = self.spatial_shape[-2:]
+        r, c = self.region
+        return not self.lead and (r.start, r.stop, c.start, c.stop) == (0, h, 0, w)
+
+
+@dataclass
+class _Task:
+    """A long job (precompute or propagate) with progress and Cancel."""
+
+    kind: str  # "precompute" or "propagate"
+    worker: object = None
+    total: int = 0
+    done: int = 0
+    encoded: int = 0
+    cancelled: bool = False
+    failed: bool = False
+    # propagation
+    obj_id: int = 0
+    labels: object = None
+    view: object = None  # _layers.AxisView of the labels' data
+    written: set = field(default_factory=set)
+    max_hole_area: int = 0
+    max_sprinkle_area: int = 0
+
+
+# -- worker functions (run in threads; no Qt, no napari) --------------------------------------
+def _load_segmenter(
+    model: str, device: str, cache=None, tile_size=None, overlap=None, on_cache_warning=None
+):
     from .segmenter import Sam3Segmenter
 
-    return Sam3Segmenter.from_pretrained(model, device=device)
+    return Sam3Segmenter.from_pretrained(
+        model,
+        device=device,
+        cache=cache,
+        tile_size=tile_size,
+        overlap=overlap,
+        on_cache_warning=on_cache_warning,
+    )
 
 
-def _segment_job(segmenter, req: _Request):
+def _locked(gen, lock):
+    """Run ``gen`` one step at a time under ``lock``, never holding it across a yield."""
+    try:
+        while True:
+            with lock:
+                try:
+                    item = next(gen)
+                except StopIteration as stop:
+                    return stop.value
+            yield item
+    finally:
+        gen.close()
+
+
+def _segment_job(segmenter, lock, req: _Request):
     """Generator run in a worker thread; each yield is a point where Cancel can stop it."""
     from .postprocess import masks_to_labels
 
     yield "cache"
-    emb = segmenter.cached_embedding(req.image, req.limits)
-    if emb is None:
+    with lock:
+        single = segmenter.tiles(req.image).single
+        cached = single and segmenter.cached_embedding(req.image, req.limits) is not None
+    if not cached:
         yield "encoding"
-        emb = segmenter.encode(req.image, req.limits)
-    yield "decoding"
-    pred = segmenter.predict(emb, [req.prompt])[0]
+    with lock:
+        obj = segmenter.predict_objects(req.image, [req.prompt], req.limits)[0]
     yield "post-processing"
     labels = masks_to_labels(
-        pred.logits[None],
+        obj.logits[None],
         ids=[req.obj_id],
         max_hole_area=req.max_hole_area,
         max_sprinkle_area=req.max_sprinkle_area,
     )
-    return labels, pred
+    return obj, labels
+
+
+def _precompute_job(segmenter, lock, jobs):
+    """Encode the tiles of each ``(plane, limits, region)``; yields (done, total, encoded)."""
+    with lock:
+        total = sum(len(segmenter.tiles(img).tiles_in(region)) for img, _, region in jobs)
+    done = encoded = 0
+    yield done, total, encoded
+    for img, limits, region in jobs:
+        for _, _, new in _locked(segmenter.precompute(img, limits, region), lock):
+            done += 1
+            encoded += bool(new)
+            yield done, total, encoded
+
+
+def _propagate_job(segmenter, lock, stack, prompts, kwargs):
+    """Yields each ``SliceResult`` of ``Sam3Segmenter.iter_propagate`` as it is computed."""
+    yield from _locked(segmenter.iter_propagate(stack, prompts, **kwargs), lock)
+
+
+def _new_labels_data(shape: tuple, n_lead: int):
+    """Zeros for a new labels layer: NumPy when it has at most ``LARGE_PIXELS`` voxels,
+    else a Zarr array (one chunk per 1024 x 1024 tile of a slice) in a temporary folder.
+    Returns ``(array, folder or None)``."""
+    if int(np.prod(shape, dtype=np.int64)) <= LARGE_PIXELS:
+        return np.zeros(shape, np.int32), None
+    import tempfile
+    from pathlib import Path
+
+    import zarr
+
+    folder = Path(tempfile.mkdtemp(prefix="napari-sam3-labels-"))
+    chunks = (1,) * n_lead + (min(1024, shape[-2]), min(1024, shape[-1]))
+    data = zarr.create_array(
+        folder / "labels.zarr", shape=shape, chunks=chunks, dtype="int32", fill_value=0
+    )
+    return data, folder
 
 
 class Sam3Widget(QWidget):
-    """SAM3 promptable segmentation of the selected 2D image.
+    """SAM3 promptable segmentation of the selected image, 2D or a stack.
 
     Public attributes used by scripts and tests: ``segmenter`` (None until a
     model is loaded), ``current_worker`` (the running segmentation worker or
-    None), ``load_worker``, the controls (``image_combo``, ``model_edit``,
-    ``device_combo``, ``load_button``, ``points_combo``, ``shapes_combo``,
-    ``labels_combo``, ``object_id_spin``, ``positive_checkbox``,
-    ``new_object_button``, ``live_checkbox``, ``segment_button``,
-    ``commit_button``, ``cancel_button``, ``refine_button``, ``max_hole_area``,
-    ``max_sprinkle_area``, ``overwrite_checkbox``, ``status_label``,
-    ``progress_bar``) and the methods ``load_model``, ``segment_current``,
-    ``commit``, ``new_object``, ``cancel``, ``refine_selected``,
-    ``toggle_polarity``.
+    None), ``load_worker``, ``task_worker`` (the running precompute or
+    propagation), ``task`` (its kind, done and total), the controls
+    (``image_combo``, ``model_edit``, ``device_combo``, ``load_button``,
+    ``cache_edit``, ``tile_spin``, ``overlap_spin``, ``precompute_combo``,
+    ``precompute_button``, ``points_combo``, ``shapes_combo``, ``labels_combo``,
+    ``object_id_spin``, ``positive_checkbox``, ``new_object_button``,
+    ``live_checkbox``, ``segment_button``, ``commit_button``, ``cancel_button``,
+    ``refine_button``, ``axis_label``, ``direction_combo``, ``start_spin``,
+    ``stop_spin``, ``start_here_button``, ``stop_after_spin``,
+    ``propagate_button``, ``max_hole_area``, ``max_sprinkle_area``,
+    ``overwrite_checkbox``, ``status_label``, ``progress_bar``) and the methods
+    ``load_model``, ``segment_current``, ``commit``, ``new_object``, ``cancel``,
+    ``refine_selected``, ``toggle_polarity``, ``precompute``, ``propagate``,
+    ``current_slice``, ``propagation_axis``, ``field_of_view``.
     """
+
+    _cache_warning = Signal(str)  # from worker threads to the GUI thread
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent=None):
         super().__init__(parent)
@@ -182,22 +353,28 @@ class Sam3Widget(QWidget):
         self.segmenter = None
         self.current_worker = None
         self.load_worker = None
+        self.task: _Task | None = None
+        self._model_lock = threading.Lock()  # one worker uses the model at a time
         self._job_seq = 0
         self._job_req: _Request | None = None
         self._cancelled: set[int] = set()
         self._pending: bool | None = None  # quiet flag of a request waiting for the worker
-        self._preview_mask: np.ndarray | None = None
-        self._preview_id: int | None = None
+        self._preview: _Preview | None = None
         self._preview_layer = None
-        self._mask_prompt: tuple[int, np.ndarray] | None = None
+        self._mask_prompt: tuple[int, tuple, np.ndarray] | None = None  # (id, slice, mask)
         self._bound: dict[str, object] = {"image": None, "points": None, "shapes": None}
         self._non_rect = 0
         self._warned_no_model = False
         self._job_step = ""
         self._docked = False
         self._closed = False  # taken out of its dock (napari's X): stop reacting
+        self._tiling_custom = False  # the user changed tile size / overlap
+        self._setting_tiling = False
+        self._axis_state = None
+        self._max_written = 0  # largest id written by the widget (labels too big to scan)
 
         self._build_ui(DEFAULTS)
+        self._cache_warning.connect(self._on_cache_warning)
 
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -213,15 +390,36 @@ class Sam3Widget(QWidget):
         layers.events.removed.connect(self._on_layers_changed)
         for layer in layers:
             layer.events.name.connect(self._on_layers_changed)
+        self.viewer.dims.events.current_step.connect(self._on_step_changed)
+        self.viewer.dims.events.last_used.connect(self._on_axis_changed)
         self._refresh_combos()
         self._set_status("Load a model, choose an image, then click points or draw a box.")
 
     # -- UI ---------------------------------------------------------------------------------
     def _build_ui(self, defaults) -> None:
         root = QVBoxLayout(self)
+        root.addWidget(self._build_model_box())
+        root.addWidget(self._build_cache_box())
+        root.addWidget(self._build_layer_box())
+        root.addWidget(self._build_object_box())
+        root.addWidget(self._build_propagate_box())
+        root.addWidget(self._build_post_box(defaults))
 
-        model_box = QGroupBox("Model")
-        form = QFormLayout(model_box)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setTextVisible(False)
+        self.progress_bar.setMaximumHeight(8)
+        root.addWidget(self.progress_bar)
+        self.status_label = QLabel()
+        self.status_label.setWordWrap(True)
+        self.status_label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+        root.addWidget(self.status_label)
+        root.addStretch(1)
+
+    def _build_model_box(self) -> QGroupBox:
+        box = QGroupBox("Model")
+        form = QFormLayout(box)
         self.model_edit = QLineEdit(DEFAULT_MODEL)
         self.model_edit.setToolTip("Hugging Face model id or a local folder with the checkpoint")
         form.addRow("Model", self.model_edit)
@@ -231,10 +429,59 @@ class Sam3Widget(QWidget):
         self.load_button = QPushButton("Load model")
         self.load_button.clicked.connect(self._on_load_clicked)
         form.addRow(self.load_button)
-        root.addWidget(model_box)
+        return box
 
-        layer_box = QGroupBox("Layers")
-        form = QFormLayout(layer_box)
+    def _build_cache_box(self) -> QGroupBox:
+        box = QGroupBox("Cache and large images")
+        form = QFormLayout(box)
+        self.cache_edit = QLineEdit(str(default_cache_path()))
+        self.cache_edit.setPlaceholderText("empty: embeddings in memory only")
+        self.cache_edit.setToolTip(
+            "Zarr folder where image embeddings are kept between sessions (used when the "
+            "model is loaded); empty: memory only"
+        )
+        form.addRow("Cache", self.cache_edit)
+        row = QHBoxLayout()
+        self.tile_spin = QSpinBox()
+        self.tile_spin.setRange(16, 65536)
+        self.tile_spin.setValue(DEFAULT_TILE)
+        self.tile_spin.setSuffix(" px")
+        self.tile_spin.setToolTip(
+            "Images larger than this are split into tiles (default: the model's input size, "
+            f"{DEFAULT_TILE} px for SAM3)"
+        )
+        self.overlap_spin = QSpinBox()
+        self.overlap_spin.setRange(0, 65535)
+        self.overlap_spin.setValue(DEFAULT_OVERLAP)
+        self.overlap_spin.setSuffix(" px")
+        self.overlap_spin.setToolTip(
+            "Overlap of neighbouring tiles (default: a quarter of the tile): objects up to "
+            "this size are never cut"
+        )
+        for spin in (self.tile_spin, self.overlap_spin):
+            spin.valueChanged.connect(self._on_tiling_edited)
+        row.addWidget(self.tile_spin)
+        row.addWidget(QLabel("overlap"))
+        row.addWidget(self.overlap_spin)
+        form.addRow("Tiles", row)
+        row = QHBoxLayout()
+        self.precompute_combo = QComboBox()
+        self.precompute_combo.addItems(PRECOMPUTE_SCOPES)
+        self.precompute_combo.setToolTip(
+            "field of view: the tiles visible now; whole image: every tile of the current "
+            "slice; all slices: every slice along the propagation axis"
+        )
+        self.precompute_button = QPushButton("Precompute")
+        self.precompute_button.setToolTip("Encode tiles ahead of clicks (Cancel stops)")
+        self.precompute_button.clicked.connect(self._on_precompute_clicked)
+        row.addWidget(self.precompute_combo)
+        row.addWidget(self.precompute_button)
+        form.addRow(row)
+        return box
+
+    def _build_layer_box(self) -> QGroupBox:
+        box = QGroupBox("Layers")
+        form = QFormLayout(box)
         self.image_combo = QComboBox()
         self.points_combo = QComboBox()
         self.shapes_combo = QComboBox()
@@ -250,10 +497,11 @@ class Sam3Widget(QWidget):
             )
             combo.currentIndexChanged.connect(functools.partial(self._on_combo_changed, role))
             form.addRow(label, combo)
-        root.addWidget(layer_box)
+        return box
 
-        obj_box = QGroupBox("Object")
-        form = QFormLayout(obj_box)
+    def _build_object_box(self) -> QGroupBox:
+        box = QGroupBox("Object")
+        form = QFormLayout(box)
         row = QHBoxLayout()
         self.object_id_spin = QSpinBox()
         self.object_id_spin.setRange(1, _MAX_ID)
@@ -278,6 +526,7 @@ class Sam3Widget(QWidget):
         self.commit_button = QPushButton("Commit")
         self.commit_button.clicked.connect(self._on_commit_clicked)
         self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop segmentation, precompute or propagation")
         self.cancel_button.clicked.connect(self._on_cancel_clicked)
         for b in (self.segment_button, self.commit_button, self.cancel_button):
             buttons.addWidget(b)
@@ -288,10 +537,53 @@ class Sam3Widget(QWidget):
         )
         self.refine_button.clicked.connect(self._on_refine_clicked)
         form.addRow(self.refine_button)
-        root.addWidget(obj_box)
+        return box
 
-        post_box = QGroupBox("Post-processing")
-        form = QFormLayout(post_box)
+    def _build_propagate_box(self) -> QGroupBox:
+        box = QGroupBox("Propagate (z-stacks, time series)")
+        form = QFormLayout(box)
+        self.axis_label = QLabel()
+        self.axis_label.setWordWrap(True)
+        form.addRow(self.axis_label)
+        self.direction_combo = QComboBox()
+        self.direction_combo.addItems(DIRECTIONS)
+        form.addRow("Direction", self.direction_combo)
+        row = QHBoxLayout()
+        self.start_spin = QSpinBox()
+        self.stop_spin = QSpinBox()
+        for spin in (self.start_spin, self.stop_spin):
+            spin.setRange(0, 0)
+        self.start_spin.setToolTip("First slice propagation may change")
+        self.stop_spin.setToolTip("Last slice propagation may change (included)")
+        self.start_here_button = QPushButton("From here")
+        self.start_here_button.setToolTip(
+            "Start at the current slice (re-propagate forward after a correction)"
+        )
+        self.start_here_button.clicked.connect(self._on_start_here_clicked)
+        row.addWidget(self.start_spin)
+        row.addWidget(QLabel("to"))
+        row.addWidget(self.stop_spin)
+        row.addWidget(self.start_here_button)
+        form.addRow("Slices", row)
+        self.stop_after_spin = QSpinBox()
+        self.stop_after_spin.setRange(1, _MAX_ID)
+        self.stop_after_spin.setValue(3)
+        self.stop_after_spin.setToolTip(
+            "Stop following the object after this many slices in a row without it"
+        )
+        form.addRow("Stop after", self.stop_after_spin)
+        self.propagate_button = QPushButton("Propagate")
+        self.propagate_button.setToolTip(
+            "Track the current object through the stack from all of its prompted slices"
+        )
+        self.propagate_button.clicked.connect(self._on_propagate_clicked)
+        form.addRow(self.propagate_button)
+        self._update_axis_info()
+        return box
+
+    def _build_post_box(self, defaults) -> QGroupBox:
+        box = QGroupBox("Post-processing")
+        form = QFormLayout(box)
         self.max_hole_area = QSpinBox()
         self.max_hole_area.setRange(0, _MAX_ID)
         self.max_hole_area.setValue(defaults.max_hole_area)
@@ -309,19 +601,7 @@ class Sam3Widget(QWidget):
         self.overwrite_checkbox = QCheckBox("Overwrite other labels")
         self.overwrite_checkbox.setChecked(False)
         form.addRow(self.overwrite_checkbox)
-        root.addWidget(post_box)
-
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        self.progress_bar.setTextVisible(False)
-        self.progress_bar.setMaximumHeight(8)
-        root.addWidget(self.progress_bar)
-        self.status_label = QLabel()
-        self.status_label.setWordWrap(True)
-        self.status_label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
-        root.addWidget(self.status_label)
-        root.addStretch(1)
+        return box
 
     # -- small helpers ----------------------------------------------------------------------
     @property
@@ -329,13 +609,19 @@ class Sam3Widget(QWidget):
         return self.status_label.text()
 
     @property
+    def task_worker(self):
+        """The running precompute or propagation worker, or None."""
+        return None if self.task is None else self.task.worker
+
+    @property
     def busy(self) -> bool:
-        """True while a live update is scheduled or a model/segmentation worker runs."""
+        """True while a live update is scheduled or any worker runs."""
         return (
             self._timer.isActive()
             or self.current_worker is not None
             or self._pending is not None
             or self.load_worker is not None
+            or self.task is not None
             or self._ensure_timer.isActive()
         )
 
@@ -351,12 +637,22 @@ class Sam3Widget(QWidget):
             "info": notifications.show_info,
         }[level](message)
 
-    def _set_busy(self, busy: bool) -> None:
-        if busy:
-            self.progress_bar.setRange(0, 0)
+    def _update_progress(self) -> None:
+        """Progress bar: done/total of a precompute or propagation, busy while loading or
+        encoding, idle otherwise."""
+        bar, task = self.progress_bar, self.task
+        if task is not None and task.total:
+            bar.setRange(0, task.total)
+            bar.setValue(min(task.done, task.total))
+        elif (
+            task is not None
+            or self.load_worker is not None
+            or (self.current_worker is not None and self._job_step == "encoding")
+        ):
+            bar.setRange(0, 0)
         else:
-            self.progress_bar.setRange(0, 1)
-            self.progress_bar.setValue(0)
+            bar.setRange(0, 1)
+            bar.setValue(0)
 
     def _layer_alive(self, layer) -> bool:
         return layer is not None and any(_same(ly, layer) for ly in self.viewer.layers)
@@ -383,8 +679,13 @@ class Sam3Widget(QWidget):
 
     @property
     def preview_mask(self) -> np.ndarray | None:
-        """The current object's preview mask (bool), or None."""
-        return self._preview_mask
+        """The current object's preview mask (bool) over ``preview_region``, or None."""
+        return None if self._preview is None else self._preview.mask
+
+    @property
+    def preview_region(self) -> tuple | None:
+        """(slice, (row slice, col slice)) of the preview, or None."""
+        return None if self._preview is None else (self._preview.lead, self._preview.region)
 
     @property
     def object_id(self) -> int:
@@ -420,6 +721,8 @@ class Sam3Widget(QWidget):
         pairs = [
             (self.viewer.layers.events.inserted, self._on_layer_inserted),
             (self.viewer.layers.events.removed, self._on_layers_changed),
+            (self.viewer.dims.events.current_step, self._on_step_changed),
+            (self.viewer.dims.events.last_used, self._on_axis_changed),
         ]
         for layer in self.viewer.layers:
             pairs.append((layer.events.name, self._on_layers_changed))
@@ -513,6 +816,7 @@ class Sam3Widget(QWidget):
             self._supersede()
             self._clear_preview()
             self._mask_prompt = None
+            self._update_axis_info()
             if layer is not None:
                 self._ensure_timer.start()
         elif role == "points":
@@ -535,18 +839,20 @@ class Sam3Widget(QWidget):
 
     @_guarded
     def _ensure_layers(self) -> None:
-        """Select (or create) "SAM3 points", "SAM3 boxes", "SAM3 labels" and the preview."""
+        """Select (or create) "SAM3 points", "SAM3 boxes", "SAM3 labels" and the preview,
+        with the image's dimensions (a stack gets nD prompt and labels layers)."""
         image = self.image_layer
         if image is None:
             return
         try:
-            shape = self._image_shape(image)
+            src = self._source(image)
         except _layers.LayerError as exc:
             self._report(f"SAM3: {exc}", "warning")
             return
         common = {"scale": image.scale, "translate": image.translate}
+        shape, plane = src.spatial_shape, src.plane
 
-        def find(name, kind, ok=lambda ly: True):
+        def find(name, kind, ok):
             return next(
                 (
                     ly
@@ -556,40 +862,46 @@ class Sam3Widget(QWidget):
                 None,
             )
 
-        def labels_ok(ly):
-            return ly.data.shape == shape
-
-        labels = find(LABELS_NAME, Labels, labels_ok)
+        labels = find(LABELS_NAME, Labels, lambda ly: tuple(ly.data.shape) == shape)
         if labels is None:
-            labels = self.viewer.add_labels(
-                np.zeros(shape, np.int32), name=LABELS_NAME, opacity=0.6, **common
-            )
+            data, folder = _new_labels_data(shape, src.n_lead)
+            labels = self.viewer.add_labels(data, name=LABELS_NAME, opacity=0.6, **common)
+            if folder is not None:
+                self._report(
+                    f"SAM3: the image is large: '{LABELS_NAME}' is a Zarr array in {folder} "
+                    "(save it with File > Save)",
+                    "info",
+                )
         preview = self.preview_layer
-        if preview is None or preview.data.shape != shape:
-            preview = find(PREVIEW_NAME, Labels, labels_ok)
+        if preview is None or preview.ndim != src.ndim:
+            preview = find(PREVIEW_NAME, Labels, lambda ly: ly.ndim == src.ndim)
             if preview is None:
+                full = not src.n_lead and not src.large
                 preview = self.viewer.add_labels(
-                    np.zeros(shape, np.int32), name=PREVIEW_NAME, opacity=0.5, **common
+                    np.zeros(plane if full else (1,) * src.ndim, np.int32),
+                    name=PREVIEW_NAME,
+                    opacity=0.5,
+                    **common,
                 )
             self._preview_layer = preview
-        boxes = find(BOXES_NAME, Shapes, lambda ly: ly.ndim == 2)
+        boxes = find(BOXES_NAME, Shapes, lambda ly: ly.ndim == src.ndim)
         if boxes is None:
             boxes = self.viewer.add_shapes(
-                ndim=2,
+                ndim=src.ndim,
                 name=BOXES_NAME,
                 edge_color="yellow",
                 face_color="transparent",
-                edge_width=max(1.0, max(shape) / 300),
+                edge_width=max(1.0, max(plane) / 300),
                 features={"object_id": np.zeros(0, int)},
                 feature_defaults={"object_id": self.object_id},
                 **common,
             )
-        points = find(POINTS_NAME, Points, lambda ly: ly.ndim == 2)
+        points = find(POINTS_NAME, Points, lambda ly: ly.ndim == src.ndim)
         if points is None:
             points = self.viewer.add_points(
-                ndim=2,
+                ndim=src.ndim,
                 name=POINTS_NAME,
-                size=float(np.clip(max(shape) / 60, 4, 30)),
+                size=float(np.clip(max(plane) / 60, 4, 30)),
                 border_color="white",
                 border_width=0.1,
                 features={"object_id": np.zeros(0, int), "positive": np.zeros(0, bool)},
@@ -602,6 +914,7 @@ class Sam3Widget(QWidget):
         self._select(self.points_combo, points)
         self._sync_role("points")
         self._sync_role("shapes")
+        self._update_axis_info()
         self.viewer.layers.selection.active = points
         points.mode = "add"
 
@@ -645,7 +958,7 @@ class Sam3Widget(QWidget):
         if layer.face_color.shape != colors.shape or not np.allclose(layer.face_color, colors):
             layer.face_color = colors
 
-    # -- prompt events ----------------------------------------------------------------------
+    # -- prompt and dims events -------------------------------------------------------------
     @_guarded
     def _on_prompt_data(self, event) -> None:
         if str(getattr(event, "action", "")) in _UNFINISHED:
@@ -671,6 +984,17 @@ class Sam3Widget(QWidget):
             self._non_rect = count
         self._schedule()
 
+    @_guarded
+    def _on_step_changed(self, event=None) -> None:
+        """Another slice: show the current object there if it has prompts on it."""
+        self._update_axis_info()
+        if self._bound["image"] is not None and self.object_id in self._prompt_ids_in_layers():
+            self._schedule()
+
+    @_guarded
+    def _on_axis_changed(self, event=None) -> None:
+        self._update_axis_info()
+
     def _schedule(self) -> None:
         if self.live_checkbox.isChecked():
             self._timer.start()
@@ -688,7 +1012,7 @@ class Sam3Widget(QWidget):
 
     @_guarded
     def _on_settings_changed(self, *_) -> None:
-        if self._preview_id is not None:
+        if self._preview is not None:
             self._schedule()
 
     def _on_t_key(self, layer=None) -> None:
@@ -750,12 +1074,19 @@ class Sam3Widget(QWidget):
                 pairs.append((layer.features, len(layer.data)))
         return _layers.prompt_ids(*pairs)
 
+    def _max_label(self, labels) -> int:
+        """Largest id in a labels layer; a huge lazy one is not scanned (the widget's own
+        writes count then)."""
+        data = _unwrap(labels).data
+        if not isinstance(data, np.ndarray) and int(np.prod(data.shape)) > LARGE_PIXELS:
+            return self._max_written
+        arr = np.asarray(data)
+        return max(int(arr.max()) if arr.size else 0, 0)
+
     def new_object(self) -> int:
         """Switch to a fresh object id: one more than any label or prompt id."""
         labels = self.labels_layer
-        max_label = 0
-        if labels is not None and np.asarray(labels.data).size:
-            max_label = int(np.asarray(labels.data).max())
+        max_label = self._max_label(labels) if labels is not None else 0
         new_id = _layers.next_object_id(max_label, self._prompt_ids_in_layers())
         self.object_id = new_id
         self._set_status(f"Object {new_id}: click points or draw a box")
@@ -765,9 +1096,10 @@ class Sam3Widget(QWidget):
     def _on_new_object_clicked(self, *_) -> None:
         self.new_object()
 
-    # -- model ------------------------------------------------------------------------------
+    # -- model and cache --------------------------------------------------------------------
     def load_model(self, blocking: bool = False):
-        """Load the model named in the line edit on the chosen device.
+        """Load the model named in the line edit on the chosen device, with the cache
+        location and tiling of the Cache section.
 
         Runs in a worker thread (returned) unless ``blocking``. A failure keeps
         the previous model and reports one line.
@@ -777,10 +1109,17 @@ class Sam3Widget(QWidget):
         if self.load_worker is not None:
             self._set_status("A model is already loading...")
             return self.load_worker
+        try:
+            tile, overlap = self._tiling_request()
+        except _UserError as exc:
+            self._report(f"SAM3: {exc}")
+            return None
+        cache = self.cache_edit.text().strip() or None
+        args = (model, device, cache, tile, overlap, self._cache_warning_callback())
         self._set_status(f"Loading {model} on {device}...")
         if blocking:
             try:
-                seg = _load_segmenter(model, device)
+                seg = _load_segmenter(*args)
             except Exception as exc:  # noqa: BLE001 - reported
                 self._on_model_error(exc)
             else:
@@ -788,17 +1127,74 @@ class Sam3Widget(QWidget):
             return None
         from napari.qt.threading import create_worker
 
-        worker = create_worker(
-            _load_segmenter, model, device, _start_thread=False, _ignore_errors=True
-        )
+        worker = create_worker(_load_segmenter, *args, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_model_loaded)
         worker.errored.connect(self._on_model_error)
         worker.finished.connect(self._on_model_finished)
         self.load_worker = worker
         self.load_button.setEnabled(False)
-        self._set_busy(True)
+        self._update_progress()
         worker.start()
         return worker
+
+    def _cache_warning_callback(self):
+        """``on_cache_warning`` for the core: called from any thread, shown on the GUI
+        thread as a napari warning."""
+        ref = weakref.ref(self)
+
+        def warn(message: str) -> None:
+            widget = ref()
+            if widget is None or _qt_deleted(widget):
+                log.warning("SAM3: %s", message)
+                return
+            widget._cache_warning.emit(str(message))
+
+        return warn
+
+    @_guarded
+    def _on_cache_warning(self, message: str) -> None:
+        self._report(f"SAM3: {message}", "warning")
+
+    def _tiling_request(self) -> tuple[int | None, int | None]:
+        """(tile size, overlap) for loading: None, None (the model's defaults) until the
+        user changes them."""
+        if not self._tiling_custom:
+            return None, None
+        tile, overlap = int(self.tile_spin.value()), int(self.overlap_spin.value())
+        if not 0 <= overlap < tile:
+            raise _UserError(f"tile overlap {overlap} px must be smaller than the tile ({tile})")
+        return tile, overlap
+
+    @_guarded
+    def _on_tiling_edited(self, *_) -> None:
+        if self._setting_tiling:
+            return
+        self._tiling_custom = True
+        if self.segmenter is not None:
+            self._set_status(
+                f"Tiles of {self.tile_spin.value()} px overlapping by "
+                f"{self.overlap_spin.value()} px from the next job on"
+            )
+
+    def _show_tiling(self, segmenter) -> None:
+        """Show the loaded model's defaults (unless the user chose other values)."""
+        if self._tiling_custom:
+            return
+        self._setting_tiling = True
+        try:
+            self.tile_spin.setValue(int(segmenter.tile_size))
+            self.overlap_spin.setValue(int(segmenter.overlap))
+        finally:
+            self._setting_tiling = False
+
+    def _sync_tiling(self) -> None:
+        """Apply edited tile settings to the loaded model while no worker uses it."""
+        seg = self.segmenter
+        if seg is None or self.current_worker is not None or self.task is not None:
+            return
+        tile, overlap = self._tiling_request()
+        if tile is not None and (tile, overlap) != (seg.tile_size, seg.overlap):
+            seg.tile_size, seg.overlap = tile, overlap
 
     @_guarded
     def _on_load_clicked(self, *_) -> None:
@@ -808,8 +1204,12 @@ class Sam3Widget(QWidget):
     def _on_model_loaded(self, segmenter) -> None:
         self.segmenter = segmenter
         self._warned_no_model = False
-        self._set_status(f"Model {segmenter.model_id} loaded on {segmenter.device}")
-        if self._preview_id is None and self.object_id in self._prompt_ids_in_layers():
+        self._show_tiling(segmenter)
+        store = getattr(segmenter, "store", None)
+        where = getattr(store, "path", None)
+        cache = f"cache {where}" if where is not None else "embeddings in memory"
+        self._set_status(f"Model {segmenter.model_id} loaded on {segmenter.device} ({cache})")
+        if self._preview is None and self.object_id in self._prompt_ids_in_layers():
             self._schedule()
 
     @_guarded
@@ -825,60 +1225,137 @@ class Sam3Widget(QWidget):
     def _on_model_finished(self, *_) -> None:
         self.load_worker = None
         self.load_button.setEnabled(True)
-        self._set_busy(self.current_worker is not None and self._job_step == "encoding")
+        self._update_progress()
 
-    # -- segmentation -----------------------------------------------------------------------
-    def _image_shape(self, layer) -> tuple[int, int]:
-        if getattr(layer, "multiscale", False):
-            raise _layers.LayerError(f"'{layer.name}' is multiscale: not supported yet")
-        return _layers.image_shape_2d(layer.data.shape, layer.rgb, layer.name)
-
-    def _image_input(self, layer):
-        shape = self._image_shape(layer)
-        data = np.asarray(layer.data)
+    # -- image, slices and prompts ----------------------------------------------------------
+    def _source(self, layer=None) -> _Source:
+        """The image layer (default: the chosen one) as the core sees it. Raises
+        _UserError without an image and LayerError for one that cannot be used."""
+        layer = self.image_layer if layer is None else layer
+        if layer is None:
+            raise _UserError("no image: add an image layer and choose it in the widget")
+        raw = _unwrap(layer)
+        data = raw.data[0] if raw.multiscale else raw.data
+        n_lead, plane = _layers.image_geometry(data.shape, raw.rgb, raw.name)
         limits = None
-        if not (layer.rgb and data.dtype == np.uint8):
-            limits = tuple(float(v) for v in layer.contrast_limits)
-        return data, limits, shape
+        if not (raw.rgb and np.dtype(data.dtype) == np.uint8):
+            limits = tuple(float(v) for v in raw.contrast_limits)
+        return _Source(layer, data, bool(raw.rgb), n_lead, plane, limits)
 
-    def _object_prompt(self, obj_id: int, shape, image_layer):
-        points, shapes = self.points_layer, self.shapes_layer
+    def current_slice(self, src: _Source | None = None) -> tuple[int, ...]:
+        """Indices of the image's leading (z/t) axes at the viewer's current position;
+        () for a 2D image."""
+        src = self._source() if src is None else src
+        if not src.n_lead:
+            return ()
+        point = np.asarray(self.viewer.dims.point, dtype=np.float64)
+        pos = np.asarray(src.layer.world_to_data(point), dtype=np.float64)
+        shape = src.data.shape
+        return tuple(int(np.clip(np.rint(pos[a]), 0, int(shape[a]) - 1)) for a in range(src.n_lead))
+
+    def propagation_axis(self, src: _Source | None = None) -> tuple[int, dict[int, int]]:
+        """(axis, fixed): the leading axis the user steps through (``dims.last_used``, else
+        the first one), the other leading axes fixed at their current index."""
+        src = self._source() if src is None else src
+        if not src.n_lead:
+            raise _UserError(
+                f"'{src.layer.name}' is a 2D image: propagation needs a z-stack or time series"
+            )
+        dims = self.viewer.dims
+        offset = int(dims.ndim) - src.ndim
+        axis = int(dims.last_used) - offset
+        if not 0 <= axis < src.n_lead:
+            hidden = set(dims.not_displayed)
+            axis = next((a for a in range(src.n_lead) if a + offset in hidden), 0)
+        lead = self.current_slice(src)
+        return axis, {a: lead[a] for a in range(src.n_lead) if a != axis}
+
+    def field_of_view(self, src: _Source | None = None) -> tuple[int, int, int, int]:
+        """(row0, col0, row1, col1) of the current plane visible on the canvas (data pixels
+        of level 0, end exclusive), from the camera and the canvas size."""
+        src = self._source() if src is None else src
+        camera = self.viewer.scene.camera
+        height, width = (float(v) for v in self.viewer.canvas.size)
+        center = np.asarray(camera.center, dtype=np.float64)[-2:]
+        half = np.array([height, width]) / (2.0 * float(camera.zoom))
+        point = np.asarray(self.viewer.dims.point, dtype=np.float64)
+        rows, cols = list(self.viewer.dims.displayed)[-2:]
+        corners = []
+        for dr in (-1, 1):
+            for dc in (-1, 1):
+                p = point.copy()
+                p[rows], p[cols] = center + half * (dr, dc)
+                corners.append(np.asarray(src.layer.world_to_data(p), dtype=np.float64)[-2:])
+        region = _layers.region_of(corners, src.plane)
+        if region is None:
+            raise _UserError("the image is not in view: nothing to precompute")
+        return region
+
+    def _prompt_slice_of(self, layer, src: _Source) -> list[tuple]:
+        """The slice of each item (point or shape) of a prompt layer."""
+        point = np.asarray(self.viewer.dims.point, dtype=np.float64)
+        if isinstance(_unwrap(layer), Points):
+            coords = _layers.to_image_coords_nd(layer, src.layer, layer.data, point)
+            return [tuple(int(v) for v in np.rint(c[: src.n_lead])) for c in coords]
+        out = []
+        for d in layer.data:
+            c = _layers.to_image_coords_nd(layer, src.layer, d, point).mean(axis=0)
+            out.append(tuple(int(v) for v in np.rint(c[: src.n_lead])))
+        return out
+
+    def _object_prompts(self, obj_id: int, src: _Source, only: tuple | None = None) -> dict:
+        """``{slice: (ObjectPrompt or None, ignored shapes)}`` of one object (see
+        ``_layers.prompts_by_slice``); with ``only``, that slice alone."""
+        point = np.asarray(self.viewer.dims.point, dtype=np.float64)
         kwargs = {}
+        points, shapes = self.points_layer, self.shapes_layer
         if points is not None and len(points.data):
-            kwargs["points"] = _layers.to_image_coords(points, image_layer, points.data)
+            kwargs["points"] = _layers.to_image_coords_nd(points, src.layer, points.data, point)
             kwargs["point_features"] = points.features
         if shapes is not None and len(shapes.data):
             kwargs["shapes"] = [
-                _layers.to_image_coords(shapes, image_layer, d) for d in shapes.data
+                _layers.to_image_coords_nd(shapes, src.layer, d, point) for d in shapes.data
             ]
             kwargs["shape_types"] = list(shapes.shape_type)
             kwargs["shape_features"] = shapes.features
         mask = None
         if self._mask_prompt is not None and self._mask_prompt[0] == obj_id:
-            mask = self._mask_prompt[1]
-        return _layers.object_prompt(obj_id, shape, mask=mask, **kwargs)
+            mask = self._mask_prompt[1:]
+        return _layers.prompts_by_slice(
+            obj_id, src.plane, n_lead=src.n_lead, mask=mask, only=only, **kwargs
+        )
 
+    # -- segmentation -----------------------------------------------------------------------
     def _request(self, quiet: bool) -> _Request | None:
         image_layer = self.image_layer
         if image_layer is None:
             if quiet:
                 return None
-            raise _UserError("no image: add a 2D image layer and choose it in the widget")
-        image, limits, shape = self._image_input(image_layer)
+            raise _UserError("no image: add an image layer and choose it in the widget")
+        src = self._source(image_layer)
+        lead = self.current_slice(src)
         obj_id = self.object_id
-        prompt, ignored = self._object_prompt(obj_id, shape, image_layer)
+        prompt, ignored = self._object_prompts(obj_id, src, only=lead).get(lead, (None, 0))
         if prompt is None:
             if quiet:
-                self._clear_preview()
+                # a preview on another slice stays (it is only shown there)
+                st = self._preview
+                if st is None or st.lead == lead or obj_id not in self._prompt_ids_in_layers():
+                    self._clear_preview()
                 return None
             if self.segmenter is None:
                 raise _UserError("no SAM3 model loaded: click 'Load model' first")
-            raise _UserError(f"object {obj_id} has no prompt: click points or draw a rectangle")
+            where = f" on {_layers.format_slice(lead)}" if lead else ""
+            raise _UserError(
+                f"object {obj_id} has no prompt{where}: click points or draw a rectangle"
+            )
         if self.segmenter is None:
             raise _UserError("no SAM3 model loaded: click 'Load model' first")
         return _Request(
-            image=image,
-            limits=limits,
+            image=src.plane_at(lead),
+            lead=lead,
+            spatial_shape=src.spatial_shape,
+            limits=src.limits,
             prompt=prompt,
             obj_id=obj_id,
             max_hole_area=int(self.max_hole_area.value()),
@@ -888,7 +1365,8 @@ class Sam3Widget(QWidget):
         )
 
     def segment_current(self, quiet: bool = False) -> bool:
-        """Segment the current object in a worker; the result goes to the preview layer.
+        """Segment the current object on the current slice in a worker; the result goes to
+        the preview layer.
 
         Returns False (and reports one line) when it cannot start. With a job
         already running, that job is stopped at its next step and this request
@@ -901,6 +1379,7 @@ class Sam3Widget(QWidget):
             return True
         try:
             req = self._request(quiet)
+            self._sync_tiling()
         except _UserError as exc:
             if quiet and self.segmenter is None and "model" in str(exc):
                 self._set_status(f"SAM3: {exc}")
@@ -924,7 +1403,12 @@ class Sam3Widget(QWidget):
         self._job_seq += 1
         job = self._job_seq
         worker = create_worker(
-            _segment_job, self.segmenter, req, _start_thread=False, _ignore_errors=True
+            _segment_job,
+            self.segmenter,
+            self._model_lock,
+            req,
+            _start_thread=False,
+            _ignore_errors=True,
         )
         worker.yielded.connect(functools.partial(self._on_job_step, job))
         worker.returned.connect(functools.partial(self._on_job_done, job))
@@ -933,7 +1417,8 @@ class Sam3Widget(QWidget):
         self.current_worker = worker
         self._job_req = req
         self._job_step = ""
-        self._set_status(f"Segmenting object {req.obj_id}...")
+        where = f" on {_layers.format_slice(req.lead)}" if req.lead else ""
+        self._set_status(f"Segmenting object {req.obj_id}{where}...")
         worker.start()
 
     def _supersede(self, keep_pending: bool = False) -> None:
@@ -958,11 +1443,10 @@ class Sam3Widget(QWidget):
             return
         self._job_step = step
         if step == "encoding":
-            self._set_busy(True)
-            self._set_status("Encoding the image (once per image and contrast)...")
-        elif step == "decoding":
-            self._set_busy(self.load_worker is not None)
+            self._set_status("Encoding the image (once per image, tile or slice and contrast)...")
+        elif step == "post-processing":
             self._set_status(f"Decoding object {self.object_id}...")
+        self._update_progress()
 
     @_guarded
     def _on_job_done(self, job: int, result) -> None:
@@ -971,17 +1455,19 @@ class Sam3Widget(QWidget):
             return
         if req.obj_id != self.object_id or not _same(req.image_layer, self.image_layer):
             return
-        labels, pred = result
-        self._show_preview(labels, req.obj_id)
+        obj, labels = result
+        region = tuple(slice(int(s.start or 0), int(s.stop)) for s in obj.region)
+        self._show_preview(_Preview(req.obj_id, req.lead, region, labels, req.spatial_shape))
         area = int(np.count_nonzero(labels))
         note = f"; {req.ignored} non-rectangle shape(s) ignored" if req.ignored else ""
+        where = f" on {_layers.format_slice(req.lead)}" if req.lead else ""
         if area:
             self._set_status(
-                f"Object {req.obj_id}: {area} px (IoU {pred.iou_score:.2f}); "
+                f"Object {req.obj_id}{where}: {area} px (IoU {obj.iou_score:.2f}); "
                 f"Commit to keep it{note}"
             )
         else:
-            self._set_status(f"Object {req.obj_id}: empty mask; add or move prompts{note}")
+            self._set_status(f"Object {req.obj_id}{where}: empty mask; add or move prompts{note}")
 
     @_guarded
     def _on_job_error(self, job: int, exc) -> None:
@@ -997,7 +1483,7 @@ class Sam3Widget(QWidget):
         self.current_worker = None
         self._job_req = None
         self._job_step = ""
-        self._set_busy(self.load_worker is not None)
+        self._update_progress()
         if job in self._cancelled:
             self._set_status("Segmentation cancelled: nothing changed")
             return
@@ -1008,16 +1494,25 @@ class Sam3Widget(QWidget):
             self._set_status(f"Object {self.object_id}: ready")
 
     def cancel(self) -> bool:
-        """Stop the running segmentation: its result is dropped. Returns True if one ran."""
+        """Stop the running segmentation (its result is dropped) and the running
+        precompute or propagation (what it finished stays). True if anything ran."""
         self._timer.stop()
         self._pending = None
+        stopped = []
         worker = self.current_worker
-        if worker is None:
+        if worker is not None:
+            self._cancelled.add(self._job_seq)
+            worker.quit()
+            stopped.append("segmentation")
+        task = self.task
+        if task is not None and not task.cancelled:
+            task.cancelled = True
+            task.worker.quit()
+            stopped.append(task.kind)
+        if not stopped:
             self._set_status("Nothing to cancel")
             return False
-        self._cancelled.add(self._job_seq)
-        worker.quit()
-        self._set_status("Cancelling: segmentation cancelled when the current step ends...")
+        self._set_status(f"Cancelling {' and '.join(stopped)} when the current step ends...")
         return True
 
     @_guarded
@@ -1029,23 +1524,36 @@ class Sam3Widget(QWidget):
         self.segment_current(quiet=False)
 
     # -- preview ----------------------------------------------------------------------------
-    def _show_preview(self, labels: np.ndarray, obj_id: int) -> None:
+    def _show_preview(self, st: _Preview) -> None:
+        """A 2D image segmented whole gets a full-size preview; otherwise the preview is
+        the object's tile on its slice: a (1, ..., h, w) layer placed with ``translate``,
+        so it shows on that slice only and never has the size of a huge image."""
+        image = self.image_layer
+        ndim = len(st.spatial_shape)
+        scale = np.ones(ndim) if image is None else np.asarray(image.scale, dtype=np.float64)
+        base = np.zeros(ndim) if image is None else np.asarray(image.translate, np.float64)
+        data = st.labels.astype(np.int32, copy=False)
+        if not st.full:
+            data = data.reshape((1,) * len(st.lead) + data.shape)
+        origin = np.array(st.lead + (st.region[0].start, st.region[1].start), dtype=np.float64)
+        translate = base + scale * origin
         layer = self.preview_layer
-        if layer is None or layer.data.shape != labels.shape:
-            image = self.image_layer
-            common = {} if image is None else {"scale": image.scale, "translate": image.translate}
+        if layer is None or layer.ndim != ndim:
             layer = self.viewer.add_labels(
-                np.zeros(labels.shape, np.int32), name=PREVIEW_NAME, opacity=0.5, **common
+                data, name=PREVIEW_NAME, opacity=0.5, scale=scale, translate=translate
             )
             self._preview_layer = layer
             self._refresh_combos()
-        layer.data = labels.astype(np.int32, copy=False)
-        self._preview_mask = labels > 0
-        self._preview_id = obj_id
+        else:
+            if not np.allclose(layer.scale, scale):
+                layer.scale = scale
+            if not np.allclose(layer.translate, translate):
+                layer.translate = translate
+            layer.data = data
+        self._preview = st
 
     def _clear_preview(self) -> None:
-        self._preview_mask = None
-        self._preview_id = None
+        self._preview = None
         layer = self.preview_layer
         if layer is not None and np.any(layer.data):
             layer.data = np.zeros(layer.data.shape, np.int32)
@@ -1054,8 +1562,10 @@ class Sam3Widget(QWidget):
     def commit(self) -> bool:
         """Write the preview of the current object into the labels layer (undoable).
 
-        Other objects keep their pixels unless "Overwrite other labels" is on.
-        Then the object's prompts are removed and a new object id is chosen.
+        Only the preview's slice and region are read and written (napari's
+        ``data_setitem``, so undo works for NumPy and Zarr labels alike). Other
+        objects keep their pixels unless "Overwrite other labels" is on. Then the
+        object's prompts on that slice are removed and a new object id is chosen.
         """
         obj_id = self.object_id
         if self.current_worker is not None or self._timer.isActive():
@@ -1063,38 +1573,52 @@ class Sam3Widget(QWidget):
                 "SAM3: the preview is still being computed; commit when it is shown", "warning"
             )
             return False
-        if self._preview_mask is None or self._preview_id != obj_id:
+        st = self._preview
+        if st is None or st.obj_id != obj_id:
             self._report(f"SAM3: object {obj_id} has no preview to commit: segment it first")
             return False
         labels = self.labels_layer
         if labels is None:
             self._report("SAM3: no labels layer to commit into: choose one in the widget")
             return False
-        data = np.asarray(labels.data)
-        if data.shape != self._preview_mask.shape:
+        data = _unwrap(labels).data
+        if tuple(data.shape) != tuple(st.spatial_shape):
             self._report(
-                f"SAM3: labels layer '{labels.name}' has shape {data.shape}, "
-                f"the image is {self._preview_mask.shape}"
+                f"SAM3: labels layer '{labels.name}' has shape {tuple(data.shape)}, "
+                f"the image is {tuple(st.spatial_shape)}"
             )
             return False
         from .postprocess import paste_object
 
-        indices, values = paste_object(
-            data, self._preview_mask, obj_id, overwrite=self.overwrite_checkbox.isChecked()
+        crop = np.asarray(data[st.lead + st.region])
+        idx, values = paste_object(
+            crop, st.mask, obj_id, overwrite=self.overwrite_checkbox.isChecked()
         )
-        if len(indices[0]):
-            labels.data_setitem(indices, values)
+        if len(idx[0]):
+            n = len(idx[0])
+            full = tuple(np.full(n, v, dtype=np.intp) for v in st.lead) + (
+                idx[0] + st.region[0].start,
+                idx[1] + st.region[1].start,
+            )
+            labels.data_setitem(full, values)
+        self._max_written = max(self._max_written, obj_id)
         written = int(np.count_nonzero(values == obj_id))
-        self._remove_prompts(obj_id)
+        self._remove_prompts(obj_id, st.lead)
         self._mask_prompt = None
         self._clear_preview()
         new_id = self.new_object()
+        where = f" on {_layers.format_slice(st.lead)}" if st.lead else ""
         self._set_status(
-            f"Committed object {obj_id} ({written} px changed to it); now object {new_id}"
+            f"Committed object {obj_id}{where} ({written} px changed to it); now object {new_id}"
         )
         return True
 
-    def _remove_prompts(self, obj_id: int) -> None:
+    def _remove_prompts(self, obj_id: int, lead: tuple = ()) -> None:
+        """Delete the object's points and shapes on slice ``lead`` (all of a 2D image)."""
+        try:
+            src = self._source()
+        except (_UserError, _layers.LayerError):
+            src = None
         for layer, handler in (
             (self.points_layer, self._on_prompt_data),
             (self.shapes_layer, self._on_shapes_data),
@@ -1102,6 +1626,9 @@ class Sam3Widget(QWidget):
             if layer is None or not len(layer.data):
                 continue
             idx = _layers.object_indices(layer.features, len(layer.data), obj_id)
+            if lead and src is not None and len(idx):
+                slices = self._prompt_slice_of(layer, src)
+                idx = np.array([i for i in idx if slices[i] == lead], dtype=np.intp)
             if len(idx):
                 layer.events.data.disconnect(handler)
                 try:
@@ -1118,19 +1645,269 @@ class Sam3Widget(QWidget):
         self.commit()
 
     def refine_selected(self) -> bool:
-        """Segment the current object with its committed pixels as a mask prompt."""
+        """Segment the current object with its committed pixels on the current slice as a
+        mask prompt."""
         obj_id = self.object_id
         labels = self.labels_layer
         if labels is None:
             self._report("SAM3: no labels layer: choose one in the widget")
             return False
-        mask = np.asarray(labels.data) == obj_id
-        if not mask.any():
-            self._report(f"SAM3: label {obj_id} has no pixels in '{labels.name}' to refine")
+        try:
+            src = self._source()
+        except (_UserError, _layers.LayerError) as exc:
+            self._report(f"SAM3: {exc}")
             return False
-        self._mask_prompt = (obj_id, mask)
+        data = _unwrap(labels).data
+        if tuple(data.shape) != src.spatial_shape:
+            self._report(
+                f"SAM3: labels layer '{labels.name}' has shape {tuple(data.shape)}, "
+                f"the image is {src.spatial_shape}"
+            )
+            return False
+        lead = self.current_slice(src)
+        mask = np.asarray(data[lead]) == obj_id
+        if not mask.any():
+            where = f" on {_layers.format_slice(lead)}" if lead else ""
+            self._report(f"SAM3: label {obj_id} has no pixels in '{labels.name}'{where} to refine")
+            return False
+        self._mask_prompt = (obj_id, lead, mask)
         return self.segment_current(quiet=False)
 
     @_guarded
     def _on_refine_clicked(self, *_) -> None:
         self.refine_selected()
+
+    # -- long tasks: precompute and propagate -----------------------------------------------
+    def _start_task(self, task: _Task, fn, *args) -> _Task:
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(fn, *args, _start_thread=False, _ignore_errors=True)
+        worker.yielded.connect(functools.partial(self._on_task_yield, task))
+        worker.errored.connect(functools.partial(self._on_task_error, task))
+        worker.finished.connect(functools.partial(self._on_task_finished, task))
+        task.worker = worker
+        self.task = task
+        for button in (self.precompute_button, self.propagate_button):
+            button.setEnabled(False)
+        self._update_progress()
+        worker.start()
+        return task
+
+    def _task_checks(self) -> _Source:
+        if self.task is not None:
+            raise _UserError(f"a {self.task.kind} is running: wait for it or cancel it")
+        if self.segmenter is None:
+            raise _UserError("no SAM3 model loaded: click 'Load model' first")
+        src = self._source()
+        self._sync_tiling()
+        return src
+
+    def precompute(self, scope: str | None = None) -> bool:
+        """Encode tiles ahead of clicks in a worker, with progress and Cancel.
+
+        ``scope`` (default: the combo's choice): "field of view" (the tiles of the
+        current plane visible on the canvas), "whole image" (every tile of the current
+        plane) or "all slices" (every plane along the propagation axis). Tiles already
+        cached are not encoded again; a cancelled run keeps the tiles it finished.
+        """
+        scope = scope or self.precompute_combo.currentText()
+        if scope not in PRECOMPUTE_SCOPES:
+            raise ValueError(f"scope must be one of {PRECOMPUTE_SCOPES}")
+        try:
+            src = self._task_checks()
+            lead = self.current_slice(src)
+            if scope == "field of view":
+                jobs = [(src.plane_at(lead), src.limits, self.field_of_view(src))]
+            elif scope == "all slices" and src.n_lead:
+                axis, fixed = self.propagation_axis(src)
+                view = _layers.AxisView(src.data, axis, fixed, src.n_lead)
+                jobs = [
+                    (src.plane_at(view.lead(k)), src.limits, None) for k in range(view.shape[0])
+                ]
+            else:
+                jobs = [(src.plane_at(lead), src.limits, None)]
+        except (_UserError, _layers.LayerError, PromptError) as exc:
+            self._report(f"SAM3: {exc}")
+            return False
+        self._set_status(f"Precomputing ({scope})...")
+        self._start_task(
+            _Task("precompute"), _precompute_job, self.segmenter, self._model_lock, jobs
+        )
+        return True
+
+    @_guarded
+    def _on_precompute_clicked(self, *_) -> None:
+        self.precompute()
+
+    def propagate(self) -> bool:
+        """Track the current object through the stack in a worker, writing each slice into
+        the labels layer as it comes (progress: slices done; Cancel keeps the slices
+        written, nothing is half-written).
+
+        All slices' prompts of the object condition the tracker; only slices in the
+        chosen range are changed, other objects' pixels are kept. Not undoable with
+        napari's undo: re-propagate (e.g. forward from a corrected slice) instead.
+        """
+        try:
+            src = self._task_checks()
+            axis, fixed = self.propagation_axis(src)
+            labels = self.labels_layer
+            if labels is None:
+                raise _UserError("no labels layer to write into: choose one in the widget")
+            data = _unwrap(labels).data
+            if tuple(data.shape) != src.spatial_shape:
+                raise _UserError(
+                    f"labels layer '{labels.name}' has shape {tuple(data.shape)}, "
+                    f"the image is {src.spatial_shape}"
+                )
+            obj_id = self.object_id
+            prompts = {
+                key[axis]: {obj_id: prompt}
+                for key, (prompt, _) in self._object_prompts(obj_id, src).items()
+                if prompt is not None and all(key[a] == v for a, v in fixed.items())
+            }
+            depth = int(src.data.shape[axis])
+            start = int(self.start_spin.value())
+            stop = min(int(self.stop_spin.value()), depth - 1) + 1
+            if not prompts:
+                raise _UserError(
+                    f"object {obj_id} has no prompt on this stack: click points or draw a "
+                    "rectangle on a slice first"
+                )
+            if start >= stop:
+                raise _UserError(f"empty slice range {start} to {stop - 1}")
+            if not any(start <= k < stop for k in prompts):
+                raise _UserError(
+                    f"object {obj_id} has no prompt on slices {start} to {stop - 1} "
+                    f"(prompted: {', '.join(map(str, sorted(prompts)))})"
+                )
+        except (_UserError, _layers.LayerError, PromptError) as exc:
+            self._report(f"SAM3: {exc}")
+            return False
+        kwargs = {
+            "axis": axis,
+            "direction": self.direction_combo.currentText(),
+            "start": start,
+            "stop": stop,
+            "fixed": fixed,
+            "limits": src.limits,
+            "stop_after": int(self.stop_after_spin.value()),
+        }
+        task = _Task(
+            "propagation",
+            total=stop - start,
+            obj_id=obj_id,
+            labels=labels,
+            view=_layers.AxisView(data, axis, fixed, src.n_lead),
+            max_hole_area=int(self.max_hole_area.value()),
+            max_sprinkle_area=int(self.max_sprinkle_area.value()),
+        )
+        self._set_status(f"Propagating object {obj_id} through slices {start} to {stop - 1}...")
+        self._start_task(
+            task, _propagate_job, self.segmenter, self._model_lock, src.data, prompts, kwargs
+        )
+        return True
+
+    @_guarded
+    def _on_propagate_clicked(self, *_) -> None:
+        self.propagate()
+
+    @_guarded
+    def _on_start_here_clicked(self, *_) -> None:
+        src = self._source()
+        axis, _ = self.propagation_axis(src)
+        self.start_spin.setValue(self.current_slice(src)[axis])
+
+    @_guarded
+    def _on_task_yield(self, task: _Task, value) -> None:
+        if task is not self.task or task.cancelled:
+            return  # a slice that arrives after Cancel is dropped whole
+        if task.kind == "precompute":
+            task.done, task.total, task.encoded = value
+            self._set_status(
+                f"Precomputing: {task.done}/{task.total} tiles "
+                f"({task.encoded} encoded, {task.done - task.encoded} already cached)"
+            )
+        else:
+            self._write_slice(task, value)
+        self._update_progress()
+
+    def _write_slice(self, task: _Task, result) -> None:
+        """One propagated slice into the labels layer, whole, on the GUI thread."""
+        from .segmenter import write_slice
+
+        if not self._layer_alive(task.labels):
+            task.cancelled = True
+            task.worker.quit()
+            self._report("SAM3: the labels layer was removed: propagation stopped", "warning")
+            return
+        write_slice(task.view, result, task.max_hole_area, task.max_sprinkle_area)
+        task.labels.refresh()
+        task.written.add(int(result.index))
+        task.done = len(task.written)
+        self._max_written = max(self._max_written, task.obj_id)
+        self._set_status(
+            f"Propagating object {task.obj_id}: {task.done}/{task.total} slices "
+            f"(slice {result.index})"
+        )
+
+    @_guarded
+    def _on_task_error(self, task: _Task, exc) -> None:
+        if task.cancelled:
+            return
+        task.failed = True
+        self._report(f"SAM3: {task.kind} failed: {_user_message(exc)}")
+
+    @_guarded
+    def _on_task_finished(self, task: _Task, *_) -> None:
+        if task is not self.task:
+            return
+        self.task = None
+        for button in (self.precompute_button, self.propagate_button):
+            button.setEnabled(True)
+        self._update_progress()
+        if task.failed:
+            return
+        if task.kind == "precompute":
+            if task.cancelled:
+                self._set_status(
+                    f"Precompute cancelled: {task.done} of {task.total} tiles done "
+                    "(they stay cached)"
+                )
+            else:
+                self._set_status(
+                    f"Precomputed {task.total} tiles ({task.encoded} encoded, "
+                    f"{task.total - task.encoded} were cached)"
+                )
+            return
+        done = sorted(task.written)
+        span = f" ({done[0]} to {done[-1]})" if done else ""
+        if task.cancelled:
+            self._set_status(
+                f"Propagation cancelled: {len(done)} slice(s) written{span}, the others unchanged"
+            )
+        else:
+            self._set_status(f"Propagated object {task.obj_id}: {len(done)} slice(s) written{span}")
+
+    def _update_axis_info(self) -> None:
+        """The propagation axis line, and the slice range reset to the whole axis when the
+        image or the axis changes."""
+        try:
+            src = self._source() if self.image_layer is not None else None
+        except (_UserError, _layers.LayerError):
+            src = None
+        if src is None or not src.n_lead:
+            self._axis_state = None
+            self.axis_label.setText("Choose a z-stack or time series to propagate through it")
+            return
+        axis, fixed = self.propagation_axis(src)
+        depth = int(src.data.shape[axis])
+        state = (id(_unwrap(src.layer)), axis, depth)
+        if state != self._axis_state:
+            self._axis_state = state
+            for spin in (self.start_spin, self.stop_spin):
+                spin.setRange(0, depth - 1)
+            self.start_spin.setValue(0)
+            self.stop_spin.setValue(depth - 1)
+        note = "".join(f"; axis {a} stays at {v}" for a, v in sorted(fixed.items()))
+        self.axis_label.setText(f"Along axis {axis} of '{src.layer.name}' ({depth} slices){note}")

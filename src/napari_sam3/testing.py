@@ -12,22 +12,28 @@ from pathlib import Path
 TINY_IMAGE_SIZE = 112
 
 
+def tiny_vision_config(fpn_hidden_size: int, image_size: int = TINY_IMAGE_SIZE):
+    """The tiny SAM3 vision tower shared by all test models: ViT hidden 64, 2 layers,
+    2 heads, patch 14, window 4, global attention on layer 1."""
+    from transformers import Sam3VisionConfig, Sam3ViTConfig
+
+    grid = image_size // 14  # 8 for 112
+    vit = Sam3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, image_size=image_size, patch_size=14,
+                        window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
+    return Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=fpn_hidden_size,
+                            backbone_feature_sizes=[[grid * 4] * 2, [grid * 2] * 2, [grid] * 2])
+
+
 def tiny_tracker_config(image_size: int = TINY_IMAGE_SIZE):
     from transformers import (
         Sam3TrackerConfig,
         Sam3TrackerMaskDecoderConfig,
         Sam3TrackerPromptEncoderConfig,
-        Sam3VisionConfig,
-        Sam3ViTConfig,
     )
 
     patch = 14
-    grid = image_size // patch  # 8 for 112
-    vit = Sam3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, image_size=image_size, patch_size=patch,
-                        window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
-    vision = Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=32,
-                              backbone_feature_sizes=[[grid * 4] * 2, [grid * 2] * 2, [grid] * 2])
+    vision = tiny_vision_config(32, image_size)
     return Sam3TrackerConfig(
         vision_config=vision,
         prompt_encoder_config=Sam3TrackerPromptEncoderConfig(hidden_size=32,
@@ -44,17 +50,11 @@ def tiny_video_config(image_size: int = TINY_IMAGE_SIZE):
         Sam3TrackerVideoConfig,
         Sam3TrackerVideoMaskDecoderConfig,
         Sam3TrackerVideoPromptEncoderConfig,
-        Sam3VisionConfig,
-        Sam3ViTConfig,
     )
 
     patch = 14
     grid = image_size // patch
-    vit = Sam3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, image_size=image_size, patch_size=patch,
-                        window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
-    vision = Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=128,
-                              backbone_feature_sizes=[[grid * 4] * 2, [grid * 2] * 2, [grid] * 2])
+    vision = tiny_vision_config(128, image_size)
     return Sam3TrackerVideoConfig(
         vision_config=vision,
         prompt_encoder_config=Sam3TrackerVideoPromptEncoderConfig(

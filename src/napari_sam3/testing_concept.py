@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .testing import TINY_IMAGE_SIZE
+from .testing import TINY_IMAGE_SIZE, tiny_vision_config
 
 TINY_QUERIES = 8
 _HIDDEN = 32  # FPN, geometry encoder, DETR encoder/decoder and mask decoder width
@@ -27,17 +27,9 @@ def tiny_concept_config(image_size: int = TINY_IMAGE_SIZE, num_queries: int = TI
         Sam3DETREncoderConfig,
         Sam3GeometryEncoderConfig,
         Sam3MaskDecoderConfig,
-        Sam3VisionConfig,
-        Sam3ViTConfig,
     )
 
-    patch = 14
-    grid = image_size // patch
-    vit = Sam3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, image_size=image_size, patch_size=patch,
-                        window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
-    vision = Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=_HIDDEN,
-                              backbone_feature_sizes=[[grid * 4] * 2, [grid * 2] * 2, [grid] * 2])
+    vision = tiny_vision_config(_HIDDEN, image_size)
     text = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                           projection_dim=32, num_hidden_layers=1, num_attention_heads=2,
                           max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
