@@ -11,7 +11,8 @@ Per-slice cost, measured in one run on the same stack and prompt:
 * ``ours cached`` the same again with every slice's embedding cached.
 
 Peak memory against stack depth: each variant runs in its own process on stacks of
-50, 200 and 500 slices; the figure is peak RSS growth over the loaded model.
+50, 200 and 500 slices; the figure is peak RSS growth after imports and after the
+input stack is in memory (so: the tiny model, the session and what it keeps).
 
 Tiny random model on CPU (the full model's encoder is ~2 min per slice here).
 
@@ -102,9 +103,15 @@ def run_ours(model_dir: str, stack: np.ndarray, point, repeat: bool):
 
 def child(args) -> None:
     """One measurement in a fresh process: prints a JSON line."""
+    import torch  # noqa: F401  - imports are not part of the growth
+    import transformers  # noqa: F401
+    from transformers import Sam3TrackerVideoModel  # noqa: F401
+
+    import napari_sam3.segmenter  # noqa: F401
+
     stack = make_stack(args.depth, args.side)
     point = (args.side // 2, args.side // 4)
-    base = rss_mb()
+    base = rss_mb()  # after imports and the stack itself: growth = model + inference
     if args.child == "bare":
         t = run_bare(args.model, stack, point)
         res = {"seconds": t}
