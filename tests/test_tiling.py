@@ -131,3 +131,21 @@ def test_segment_into_zarr_output(tiled, big_image, tmp_path):
                             dtype="int32", fill_value=0)
     tiled.segment(big_image, prompts, out=out)
     np.testing.assert_array_equal(out[...], tiled.segment(big_image, prompts))
+
+
+def test_limits_of_a_lazy_image_are_sampled_once(tiled, big_image, tmp_path, monkeypatch):
+    import napari_sam3.segmenter as segmenter_module
+
+    arr = zarr.create_array(tmp_path / "img.zarr", shape=big_image.shape, chunks=(64, 64),
+                            dtype=big_image.dtype)
+    arr[...] = big_image
+    calls = []
+    real = segmenter_module.image_limits
+    monkeypatch.setattr(segmenter_module, "image_limits",
+                        lambda *a: calls.append(a) or real(*a))
+    first = tiled.resolve_limits(arr)
+    assert tiled.resolve_limits(arr) == first and len(calls) == 1
+    assert first == real(big_image)  # the same limits as sampling the data in memory
+    tiled.resolve_limits(big_image)
+    tiled.resolve_limits(big_image)
+    assert len(calls) == 3  # NumPy arrays are sampled every time (edited in place)

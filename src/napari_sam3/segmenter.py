@@ -6,6 +6,7 @@ its pixels; every later prompt only runs the prompt encoder and mask decoder.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -171,10 +172,24 @@ class Sam3Segmenter:
         """The tile grid used for ``image`` (one tile when it fits in ``tile_size``)."""
         return TileGrid(image.shape[:2], self.tile_size, self.overlap)
 
-    @staticmethod
-    def resolve_limits(image, limits=None):
-        """The intensity limits used for every tile of ``image`` (see ``normalize``)."""
-        return image_limits(image, limits)
+    def resolve_limits(self, image, limits=None):
+        """The intensity limits used for every tile of ``image`` (see ``normalize``).
+
+        Sampling a lazy (Zarr, dask) image costs tens of milliseconds, so its limits are
+        remembered for as long as the array object lives; NumPy arrays, which are edited
+        in place, are sampled every time.
+        """
+        if limits is not None or isinstance(image, np.ndarray):
+            return image_limits(image, limits)
+        memo = getattr(self, "_limits_memo", None)
+        if memo is not None and memo[0]() is image:
+            return memo[1]
+        found = image_limits(image)
+        try:
+            self._limits_memo = (weakref.ref(image), found)
+        except TypeError:  # not weak-referenceable: no memo
+            pass
+        return found
 
     def prepare(self, image, limits=None) -> np.ndarray:
         """The (H, W, 3) uint8 image the processor receives (see ``normalize``)."""
