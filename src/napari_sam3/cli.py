@@ -3,7 +3,11 @@
 * ``segment``: labels from point/box prompts on a 2D image, on chosen slices of a
   3D stack, or propagated through a stack (``--propagate``), written to TIFF or
   Zarr (OME-NGFF). Zarr inputs are read lazily, tile by tile; Zarr outputs are
-  written region by region, so neither has to fit in memory.
+  written region by region, so neither has to fit in memory. With ``--text`` and/or
+  ``--exemplars`` (SAM3's concept detector) or ``--everything`` (a grid of point
+  prompts) instead of ``--prompts``, every instance is segmented, tile by tile and
+  slice by slice, and its score written too (OUT.csv next to a TIFF, the Zarr labels
+  group's ``napari_sam3`` attributes).
 * ``precompute``: fill the Zarr embedding cache for an image or a stack, so later
   clicks (CLI or napari) only run the small mask decoder.
 * ``cache info`` / ``cache clear``: inspect or empty an embedding cache.
@@ -30,7 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,14 @@ _HEADLESS_QPA = ("offscreen", "minimal", "vnc", "eglfs", "linuxfb")
 _MAX_ID = 2**31 - 1  # labels are int32
 _DIRECTIONS = ("forward", "backward", "both")  # as propagation.DIRECTIONS (not imported: light)
 _MEMORY_ONLY = "; embeddings are kept in memory only"
+_DEFAULT_THRESHOLD = 0.5  # concept.DEFAULT_THRESHOLD (not imported: light)
+_CONCEPT_ONLY = ("threshold", "concept_model")
+_EVERYTHING_ONLY = (
+    "points_per_side",
+    "points_per_batch",
+    "pred_iou_thresh",
+    "stability_score_thresh",
+)
 
 
 class CliError(Exception):
@@ -112,6 +124,13 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
 
 
@@ -197,6 +216,7 @@ def _add_image_options(p, cache_required: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .embedding_store import default_cache_path
+    from .everything import SETTINGS as EVERYTHING
     from .postprocess import DEFAULTS
 
     parser = _Parser(
@@ -209,12 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser(
         "segment",
-        help="segment objects from point/box prompts and write a label image",
+        help="segment objects (prompts, a text/exemplar concept, or everything) into labels",
         description=(
-            "Segment one object per prompt entry and write int32-compatible labels "
-            "(0 background) to a .tif/.tiff or .zarr (OME-NGFF) file. On a 3D stack each "
-            "object is segmented on its 'slice', or tracked through the stack with "
-            "--propagate; the output is then a (Z, Y, X) label volume."
+            "Write int32-compatible labels (0 background) to a .tif/.tiff or .zarr (OME-NGFF) "
+            "file, in one of three modes. --prompts: one object per prompt entry; on a 3D "
+            "stack each object is segmented on its 'slice', or tracked through the stack "
+            "with --propagate. --text and/or --exemplars: every instance of a concept (SAM3's "
+            "detector). --everything: every object, from a grid of point prompts. The last "
+            "two run tile by tile on large images and slice by slice on stacks (ids unique "
+            "across slices) and also write each instance's score: in the labels group's "
+            "attributes (napari_sam3.instances) for .zarr, in OUT.csv next to a .tif."
         ),
         epilog=(
             "PROMPTS.json is a list with one entry per object, e.g. "
@@ -223,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
             "0 (outside) and default to 1; a box is [row0, col0, row1, col1]. Entry i gets "
             'label id i+1 unless it has an "id" (a whole number from 1). On a stack each '
             'entry needs a "slice" (0-based index along the stack axis); entries with the '
-            "same id on several slices prompt one object on each of those slices."
+            "same id on several slices prompt one object on each of those slices. "
+            "EXEMPLARS.json is a list of example boxes [row0, col0, row1, col1], or of "
+            '{"box": [...], "positive": false} for counter-examples; on a stack they apply '
+            "to every slice."
         ),
     )
     seg.add_argument(
@@ -234,12 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument(
         "--prompts",
-        required=True,
+        default=None,
         metavar="PROMPTS.json",
         help="JSON list of per-object prompts (see below)",
     )
     seg.add_argument(
-        "--out", required=True, metavar="OUT", help="output labels: OUT.tif, OUT.tiff or OUT.zarr"
+        "--out",
+        default=None,
+        metavar="OUT",
+        help="output labels: OUT.tif, OUT.tiff or OUT.zarr (required)",
     )
     _add_model_options(seg)
     _add_image_options(seg, cache_required=False)
@@ -256,6 +286,78 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         default=DEFAULTS.max_sprinkle_area,
         help="remove islands of up to N pixels; 0 = off (default: %(default)s)",
+    )
+    concept = seg.add_argument_group("concept segmentation (with --text and/or --exemplars)")
+    concept.add_argument(
+        "--text",
+        default=None,
+        metavar="PHRASE",
+        help='segment every instance of a noun phrase, e.g. "nucleus"',
+    )
+    concept.add_argument(
+        "--exemplars",
+        default=None,
+        metavar="EXEMPLARS.json",
+        help="JSON list of example boxes of the objects to find (see below)",
+    )
+    concept.add_argument(
+        "--threshold",
+        type=_unit_float,
+        metavar="X",
+        default=None,
+        help=f"keep instances scoring above X, 0 to 1 (default: {_DEFAULT_THRESHOLD})",
+    )
+    concept.add_argument(
+        "--concept-model",
+        default=None,
+        metavar="M",
+        help="checkpoint of SAM3's concept detector, a hub id or a local Sam3Model folder "
+        "(default: --model; facebook/sam3 holds both)",
+    )
+    auto = seg.add_argument_group("segment everything (with --everything)")
+    auto.add_argument(
+        "--everything",
+        action="store_true",
+        help="segment every object, from a grid of point prompts on each tile",
+    )
+    auto.add_argument(
+        "--points-per-side",
+        type=_positive_int,
+        metavar="N",
+        default=None,
+        help=f"N x N point prompts per tile (default: {EVERYTHING.points_per_side})",
+    )
+    auto.add_argument(
+        "--points-per-batch",
+        type=_positive_int,
+        metavar="N",
+        default=None,
+        help=f"points decoded at once; more is faster, uses more memory "
+        f"(default: {EVERYTHING.points_per_batch})",
+    )
+    auto.add_argument(
+        "--pred-iou-thresh",
+        type=_unit_float,
+        metavar="X",
+        default=None,
+        help=f"keep masks with predicted IoU above X, 0 to 1 "
+        f"(default: {EVERYTHING.pred_iou_thresh})",
+    )
+    auto.add_argument(
+        "--stability-score-thresh",
+        type=_unit_float,
+        metavar="X",
+        default=None,
+        help=f"keep masks with stability score above X, 0 to 1 "
+        f"(default: {EVERYTHING.stability_score_thresh})",
+    )
+    seg.add_argument(
+        "--min-area",
+        type=_non_negative_int,
+        metavar="N",
+        default=None,
+        help=f"drop instances of fewer than N pixels, with --everything (default: "
+        f"{EVERYTHING.min_area}) or --text/--exemplars (default: 0)",
     )
     prop = seg.add_argument_group("propagation through a stack (with --propagate)")
     prop.add_argument(
@@ -547,27 +649,81 @@ def _json_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _read_json(path: str, what: str):
+    """The JSON value in ``path`` (NaN/Infinity refused); ``what`` names it in errors."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CliError(f"cannot read {what} {path!r}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read {what} {path!r}: {e}") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise CliError(
+            f"{what} {path!r} are not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
+        ) from None
+    except ValueError as e:
+        raise CliError(f"{what} {path!r} are not valid JSON: {e}") from None
+
+
+def _load_exemplars(path: str, inp: _Input) -> tuple[list[list[float]], list[int]]:
+    """EXEMPLARS.json: boxes (row0, col0, row1, col1) meeting the image, and 1/0 labels."""
+    data = _read_json(path, "exemplars")
+    if not isinstance(data, list):
+        raise CliError(
+            f"exemplars {path!r} must be a JSON list of boxes [row0, col0, row1, col1], "
+            f"got a JSON {_json_type(data)}"
+        )
+    if not data:
+        raise CliError(f"exemplars {path!r} hold no boxes (an empty list)")
+    h, w = inp.plane_shape
+    boxes, labels = [], []
+    for i, entry in enumerate(data, start=1):
+        where = f"exemplars {path!r}, box {i}"
+        positive = True
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"box", "positive"}
+            if unknown:
+                raise CliError(
+                    f"{where}: unknown key(s) {', '.join(sorted(unknown))} (use 'box' and "
+                    "'positive')"
+                )
+            if "box" not in entry:
+                raise CliError(f"{where}: an exemplar object needs a 'box'")
+            positive = entry.get("positive", True)
+            if not isinstance(positive, bool):
+                raise CliError(
+                    f"{where}: 'positive' must be true or false, got {json.dumps(positive)}"
+                )
+            entry = entry["box"]
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 4
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in entry)
+        ):
+            raise CliError(
+                f"{where}: a box is 4 numbers [row0, col0, row1, col1], got {json.dumps(entry)}"
+            )
+        r0, c0, r1, c1 = (float(v) for v in entry)
+        r0, r1, c0, c1 = min(r0, r1), max(r0, r1), min(c0, c1), max(c0, c1)
+        if r1 < 0 or c1 < 0 or r0 >= h or c0 >= w:
+            raise CliError(
+                f"{where}: box (rows {r0:g}-{r1:g}, cols {c0:g}-{c1:g}) is outside the "
+                f"{h}x{w} image"
+            )
+        boxes.append([r0, c0, r1, c1])
+        labels.append(int(positive))
+    return boxes, labels
+
+
 def _load_prompts(path: str, inp: _Input) -> list[_Object]:
     """Parse PROMPTS.json into objects, each inside its image or slice."""
     import numpy as np
 
     from .prompts import ObjectPrompt, PromptError
 
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CliError(f"cannot read prompts {path!r}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CliError(f"cannot read prompts {path!r}: {e}") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as e:
-        raise CliError(
-            f"prompts {path!r} are not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
-        ) from None
-    except ValueError as e:
-        raise CliError(f"prompts {path!r} are not valid JSON: {e}") from None
+    data = _read_json(path, "prompts")
     if not isinstance(data, list):
         raise CliError(
             f"prompts {path!r} must be a JSON list with one entry per object, "
@@ -731,6 +887,7 @@ def _create_labels_zarr(path: Path, shape: tuple, name: str):
 
     return io.create_labels_zarr(path, shape, name=name, overwrite=True)
 
+
 def _blocks(shape, chunks):
     """(slices) covering a 2D ``shape`` in blocks of ``chunks``."""
     for r in range(0, shape[0], chunks[0]):
@@ -843,7 +1000,6 @@ def _quiet_local_load(model: str):
 def _load_segmenter(args, cache: Path | None, on_cache_warning, video: bool = False):
     """Sam3Segmenter.from_pretrained with the CLI's options; errors are one line, exit 2."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from .model import ModelLoadError
     from .segmenter import Sam3Segmenter
 
     try:
@@ -859,23 +1015,96 @@ def _load_segmenter(args, cache: Path | None, on_cache_warning, video: bool = Fa
             )
             if video:
                 segmenter.video_tracker()  # fails here, before anything is written
-    except ModelLoadError as e:
-        raise CliError(e) from None
-    except ValueError as e:
-        if "overlap" in str(e) or "tile size" in str(e):  # TileGrid's checks
-            raise CliError(f"--tile/--overlap: {e}") from None
-        raise CliError(f"cannot load model {args.model!r}: {type(e).__name__}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a broken checkpoint must not print a traceback
-        raise CliError(f"cannot load model {args.model!r}: {type(e).__name__}: {e}") from None
+        raise _load_error(e, args.model) from None
     return segmenter
+
+
+def _load_error(e: Exception, model: str) -> CliError:
+    from .model import ModelLoadError
+
+    if isinstance(e, ModelLoadError):
+        return CliError(e)
+    if isinstance(e, ValueError) and ("overlap" in str(e) or "tile size" in str(e)):
+        return CliError(f"--tile/--overlap: {e}")  # TileGrid's checks
+    return CliError(f"cannot load model {model!r}: {type(e).__name__}: {e}")
+
+
+def _load_concept(args, cache: Path | None, on_cache_warning):
+    """ConceptSegmenter.from_pretrained (--concept-model, else --model); errors exit 2."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from .concept import ConceptSegmenter
+
+    model = args.concept_model or args.model
+    try:
+        with _quiet_local_load(model):
+            return ConceptSegmenter.from_pretrained(
+                model,
+                device=args.device,
+                cache=cache,
+                cache_dtype=args.cache_dtype,
+                tile_size=args.tile,
+                overlap=args.overlap,
+                on_cache_warning=on_cache_warning,
+            )
+    except Exception as e:  # noqa: BLE001 - e.g. a tracker-only checkpoint: one line, exit 2
+        raise _load_error(e, model) from None
 
 
 # -------------------------------------------------------------------------- segment
 
 
+def _segment_mode(args) -> str:
+    """'prompts', 'concept' or 'everything', with the options that belong to it only."""
+    concept = args.text is not None or args.exemplars is not None
+    given = [
+        name
+        for name, on in (
+            ("--prompts", args.prompts is not None),
+            ("--text/--exemplars", concept),
+            ("--everything", args.everything),
+        )
+        if on
+    ]
+    if not given:
+        raise CliError(
+            "give --prompts PROMPTS.json, --text PHRASE and/or --exemplars EXEMPLARS.json, "
+            "or --everything"
+        )
+    if len(given) > 1:
+        raise CliError(
+            f"{' and '.join(given)} cannot be combined: use one of --prompts, "
+            "--text/--exemplars and --everything"
+        )
+    mode = "concept" if concept else "everything" if args.everything else "prompts"
+
+    def stray(names):
+        return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+
+    if mode != "concept" and (opts := stray(_CONCEPT_ONLY)):
+        raise CliError(f"{', '.join(opts)} only apply with --text or --exemplars")
+    if mode != "everything" and (opts := stray(_EVERYTHING_ONLY)):
+        raise CliError(f"{', '.join(opts)} only apply with --everything")
+    if mode == "prompts" and args.min_area is not None:
+        raise CliError("--min-area only applies with --everything, --text or --exemplars")
+    if mode != "prompts" and args.propagate:
+        raise CliError(
+            "--propagate only applies with --prompts (--text, --exemplars and --everything "
+            "segment a stack slice by slice)"
+        )
+    if args.text is not None and not args.text.strip():
+        raise CliError("--text is empty: give a noun phrase, e.g. --text nucleus")
+    return mode
+
+
 def _cmd_segment(args) -> int:
     import numpy as np
 
+    mode = _segment_mode(args)  # first: "segment IMAGE" alone names the three modes
+    if args.out is None:
+        raise CliError("--out OUT is required (OUT.tif, OUT.tiff or OUT.zarr)")
+    if mode != "prompts":
+        return _segment_instances(args, mode)
     inp = _load_input(args.image, args.axis)
     _check_limits(args.limits)
     _check_tiling(args)
@@ -990,6 +1219,231 @@ def _propagate(segmenter, inp: _Input, prompts_by_slice, labels, limits, args, p
         write_slice(labels, result, **post)
         ids = ", ".join(map(str, result.ids)) or "none"
         print(f"slice {result.index} tracked (ids {ids})", flush=True)
+
+
+# --------------------------------------------------- segment: concept and everything
+
+
+def _scores_path(out: Path, image_path: str, overwrite: bool) -> Path | None:
+    """OUT.csv next to a TIFF output (None for Zarr: scores go into its attributes)."""
+    if out.suffix.lower() == ".zarr":
+        return None
+    csv_path = out.with_suffix(".csv")
+    if csv_path.exists() or csv_path.is_symlink():
+        if not overwrite:
+            raise CliError(
+                f"{str(csv_path)!r} (the scores of {str(out)!r}) already exists "
+                "(pass --overwrite to replace it)"
+            )
+        if csv_path.resolve() == Path(image_path).resolve():
+            raise CliError(f"refusing to overwrite the input image {image_path!r}")
+    return csv_path
+
+
+def _segment_instances(args, mode: str) -> int:
+    """``segment --text/--exemplars`` (concept) or ``--everything``: every instance, with
+    its score, tile by tile and slice by slice (ids unique across slices)."""
+    import numpy as np
+
+    inp = _load_input(args.image, args.axis)
+    _check_limits(args.limits)
+    _check_tiling(args)
+    range_opts = [
+        f"--{n.replace('_', '-')}"
+        for n in ("start", "stop", "stop_after", "score_threshold")
+        if getattr(args, n) is not None
+    ]
+    if range_opts:
+        raise CliError(f"{', '.join(range_opts)} only apply with --propagate")
+    boxes, box_labels = None, None
+    if args.exemplars is not None:
+        boxes, box_labels = _load_exemplars(args.exemplars, inp)
+    out = _check_output(args.out, args.image, args.overwrite)
+    csv_path = _scores_path(out, args.image, args.overwrite)
+    cache = _cache_path(args.cache)
+    if cache is not None and (problem := _cache_problem(cache)):
+        _warn(problem + _MEMORY_ONLY)
+        cache = None
+    limits = _resolve_limits(inp, args.limits)
+    post = dict(max_hole_area=args.max_hole_area, max_sprinkle_area=args.max_sprinkle_area)
+
+    if mode == "concept":
+        threshold = _DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+        model = _load_concept(args, cache, _warn)
+        options = dict(threshold=threshold, min_area=args.min_area or 0, **post)
+        settings = {
+            "text": args.text,
+            "exemplars": boxes,
+            "exemplar_labels": box_labels,
+            "threshold": threshold,
+            "min_area": options["min_area"],
+            **post,
+        }
+        n_steps = None
+
+        def run(image, progress):
+            return model.detect(
+                image,
+                args.text,
+                boxes,
+                exemplar_labels=box_labels,
+                limits=limits,
+                progress=progress,
+                **options,
+            )
+
+        def paint(result, target, start_id):
+            result.relabel(out=target, start_id=start_id)
+    else:
+        from .everything import SETTINGS, generate_everything
+
+        model = _load_segmenter(args, cache, _warn)
+        chosen = {
+            name: getattr(args, name)
+            for name in (*_EVERYTHING_ONLY, "min_area")
+            if getattr(args, name) is not None
+        }
+        everything = replace(SETTINGS, **chosen, **post)
+        settings = dict(everything.__dict__)
+        n_steps = -(-(everything.points_per_side**2) // everything.points_per_batch)
+
+        def run(image, progress):
+            return generate_everything(
+                model, image, settings=everything, limits=limits, progress=progress
+            )
+
+        def paint(result, target, start_id):
+            result.labels(target, start_id=start_id)
+
+    shape = (inp.depth, *inp.plane_shape) if inp.is_stack else tuple(inp.plane_shape)
+    to_zarr = csv_path is None
+    n_tiles = len(model.tiles(inp.frames[0] if inp.is_stack else inp.plane))
+    rows: list[dict] = []
+    labelled = 0
+    try:
+        with _staging(out) as staged:
+            if to_zarr:  # filled region by region: the label image is never all in memory
+                labels = _create_labels_zarr(staged, shape, out.stem)
+            else:
+                labels = np.zeros(shape, dtype=np.int32)
+            next_id = 1
+            for k in range(inp.depth):
+                where = f"slice {k} ({k + 1}/{inp.depth}) " if inp.is_stack else ""
+                image = inp.frames[k] if inp.is_stack else inp.plane
+                result = run(image, _tile_progress(where, n_tiles, n_steps))
+                if not inp.is_stack:
+                    target = labels
+                elif isinstance(labels, np.ndarray):
+                    target = labels[k]
+                else:
+                    target = _Plane(labels, k)
+                paint(result, target, next_id)  # ids continue from the slices before
+                found = _instance_rows(result.features, k if inp.is_stack else None)
+                rows += found
+                labelled += bool(found)
+                if found:
+                    next_id = found[-1]["id"] + 1
+                if inp.is_stack:
+                    print(f"slice {k} segmented: {_count(len(found), 'instance')}", flush=True)
+            if to_zarr:
+                _write_scores_attrs(staged, mode, settings, rows)
+            else:
+                from . import io
+
+                io.write_labels(staged, labels)
+                staged_csv = staged.parent / csv_path.name
+                _write_scores_csv(staged_csv, rows)
+                if not args.overwrite and (out.exists() or out.is_symlink()):
+                    raise CliError(f"{str(out)!r} already exists (pass --overwrite to replace it)")
+                _commit(staged_csv, csv_path, args.overwrite)  # then OUT: both or neither
+            _commit(staged, out, args.overwrite)
+    except CliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line, status 1, nothing written
+        raise _failed(f"segmentation failed: {type(e).__name__}: {e}") from None
+
+    if mode == "concept":
+        what = [repr(args.text)] if args.text is not None else []
+        if boxes:
+            what.append(_count(len(boxes), "exemplar box", "exemplar boxes"))
+        found = f"{_count(len(rows), 'instance')} of {' + '.join(what)}"
+        found += f" (score > {threshold:g})"
+    else:
+        found = _count(len(rows), "object")
+    on = f", on {labelled} of {inp.depth} slices" if inp.is_stack else ""
+    scores = csv_path if csv_path is not None else f"{out} attributes (napari_sam3.instances)"
+    print(f"found {found} in a {inp.describe()}{on}; wrote {out}; scores in {scores}")
+    return 0
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _tile_progress(where: str, n_tiles: int, n_steps: int | None):
+    """A progress callback printing "tile i/n done" on images of several tiles."""
+    if n_tiles <= 1:
+        return None
+
+    def report(done: int, total: int) -> None:
+        per_tile = n_steps or 1  # everything reports per batch of points, concept per tile
+        if done % per_tile == 0:
+            print(f"{where}tile {done // per_tile}/{total // per_tile} done", flush=True)
+
+    return report
+
+
+def _instance_rows(features: dict, k: int | None) -> list[dict]:
+    """One dict per painted instance: id, (slice,) score, area and the mode's extras."""
+    import numpy as np
+
+    extra = [key for key in features if key not in ("index", "score", "area")]
+    rows = []
+    for i in range(len(features["index"])):
+        row: dict[str, Any] = {"id": int(features["index"][i])}
+        if k is not None:
+            row["slice"] = k
+        row["score"] = float(features["score"][i])
+        row["area"] = int(features["area"][i])
+        for key in extra:
+            value = float(features[key][i])
+            row[key] = value if np.isfinite(value) else None
+        rows.append(row)
+    return rows
+
+
+def _jsonable(value):
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _write_scores_attrs(path: Path, mode: str, settings: dict, rows: list[dict]) -> None:
+    """The instance table in the labels group's attributes, under ``napari_sam3``."""
+    import zarr
+
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["napari_sam3"] = {
+        "mode": mode,
+        "settings": _jsonable(settings),
+        "instances": rows,
+    }
+
+
+def _write_scores_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    columns = list(rows[0]) if rows else ["id", "score", "area"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 # ----------------------------------------------------------------------- precompute

@@ -484,7 +484,7 @@ class ConceptSegmenter:
         ``overwrite``. Other options as in :meth:`detect`.
         """
         if is_stack(image, rgb):
-            lim = stack_limits(image, limits)
+            lim = stack_limits(image, limits, rgb)
 
             def one(z, labels, start_id):
                 res = self.detect(image[z], text, exemplars, exemplar_labels=exemplar_labels,

@@ -259,7 +259,7 @@ def segment_everything(segmenter, image, *, settings: EverythingSettings | None 
     maximum). Keyword settings as in :class:`EverythingSettings`.
     """
     if is_stack(image, rgb):
-        lim = stack_limits(image, limits)
+        lim = stack_limits(image, limits, rgb)
 
         def one(z, labels, start_id):
             res = generate_everything(segmenter, image[z], settings=settings, limits=lim,
@@ -290,23 +290,16 @@ def is_stack(image, rgb: bool | None = None) -> bool:
     raise ValueError(f"expected a 2D image or a stack of them, got shape {shape}")
 
 
-def stack_limits(stack, limits=None, n_slices: int = 8):
-    """One set of intensity limits for every slice of ``stack`` (None: uint8 RGB as is).
+def stack_limits(stack, limits=None, rgb: bool | None = None):
+    """One set of intensity limits for every slice of a (Z, Y, X[, C]) stack: the same
+    rule as propagation and precompute (:func:`napari_sam3.propagation.stack_limits`),
+    so all modes share cache entries."""
+    from .propagation import StackFrames
+    from .propagation import stack_limits as limits_of_frames
 
-    From up to ``n_slices`` evenly spaced slices: the lowest low and highest high of
-    their limits, so no slice is clipped much more than the others.
-    """
-    from .normalize import image_limits
-
-    if limits is not None:
-        return limits
-    z = stack.shape[0]
-    picks = np.unique(np.linspace(0, z - 1, min(z, n_slices)).astype(int))
-    per_slice = [image_limits(stack[int(i)]) for i in picks]
-    if per_slice[0] is None:
-        return None
-    arr = np.asarray(per_slice, dtype=float)  # (k, 2) or (k, channels, 2)
-    return np.stack([arr[..., 0].min(axis=0), arr[..., 1].max(axis=0)], axis=-1).tolist()
+    if rgb is None:  # (Z, Y, X, C) with 2-4 channels
+        rgb = len(stack.shape) == 4 and stack.shape[-1] in (2, 3, 4)
+    return limits_of_frames(StackFrames(stack, axis=0, rgb=rgb), limits)
 
 
 def segment_stack(segment_slice, stack, out=None) -> np.ndarray:
