@@ -441,3 +441,155 @@ def region_of(corners, plane: tuple[int, int]) -> tuple[int, int, int, int] | No
     if r1 <= r0 or c1 <= c0:
         return None
     return r0, c0, r1, c1
+
+
+# -- concept exemplars and instance writes ----------------------------------------------------
+def exemplar_boxes_by_slice(
+    shapes,
+    shape_types: Sequence[str],
+    features,
+    plane: tuple[int, int],
+    n_lead: int = 0,
+) -> tuple[dict[tuple, tuple[np.ndarray, np.ndarray]], int]:
+    """``({slice: (boxes (k, 4), labels (k,))}, ignored)`` of an exemplars Shapes layer.
+
+    ``shapes``: each shape's vertices as (k, n_lead + 2) image data coordinates; the
+    leading coordinates (rounded, of the shape's centre) give its slice. A box is
+    (row0, col0, row1, col1), the bounding box of a rectangle's corners, clipped to the
+    plane; a box entirely outside it raises :class:`PromptError`. Labels are 1 for a
+    positive exemplar and 0 for a negative one (feature ``positive``, default True).
+    Other shape types are not exemplars: they are counted in ``ignored``.
+    """
+    n = len(shapes)
+    if len(shape_types) != n:
+        raise LayerError(f"{n} shapes but {len(shape_types)} shape types")
+    positive = np.asarray(feature_column(features, "positive", n, True), dtype=bool)
+    width = n_lead + 2
+    h, w = plane
+    groups: dict[tuple, tuple[list, list]] = {}
+    ignored = 0
+    for i in range(n):
+        if str(shape_types[i]) != "rectangle":
+            ignored += 1
+            continue
+        verts = np.asarray(shapes[i], dtype=np.float64).reshape(-1, width)
+        if not np.isfinite(verts).all():
+            raise PromptError("an exemplar box has a non-finite coordinate")
+        key = _lead_of(verts.mean(axis=0), n_lead)
+        r0, c0 = verts[:, n_lead:].min(axis=0)
+        r1, c1 = verts[:, n_lead:].max(axis=0)
+        if r1 < -0.5 or c1 < -0.5 or r0 >= h - 0.5 or c0 >= w - 0.5:
+            raise PromptError(
+                f"an exemplar box (rows {r0:.1f}-{r1:.1f}, cols {c0:.1f}-{c1:.1f}) is outside "
+                f"the {h}x{w} image: move or delete it"
+            )
+        box = [
+            np.clip(r0, 0, h - 1),
+            np.clip(c0, 0, w - 1),
+            np.clip(r1, 0, h - 1),
+            np.clip(c1, 0, w - 1),
+        ]
+        boxes, labels = groups.setdefault(key, ([], []))
+        boxes.append(box)
+        labels.append(int(positive[i]))
+    out = {
+        key: (np.asarray(b, dtype=np.float64).reshape(-1, 4), np.asarray(lab, dtype=np.int64))
+        for key, (b, lab) in groups.items()
+    }
+    return out, ignored
+
+
+def exemplars_for_slices(by_slice: dict, leads: Sequence[tuple], axis: int = 0) -> list:
+    """The exemplars each slice of ``leads`` uses: ``(boxes, labels)`` or None.
+
+    A slice with exemplars of its own uses them; another uses those of the nearest
+    slice along ``axis`` that has some (ties: the lower one), at the same (row, col)
+    positions, provided its other leading coordinates are the same; else None. For a
+    2D image (``leads == [()]``) this is just the image's exemplars.
+    """
+    out = []
+    for lead in leads:
+        lead = tuple(int(v) for v in lead)
+        if lead in by_slice:
+            out.append(by_slice[lead])
+            continue
+        candidates = [
+            key
+            for key in by_slice
+            if len(key) == len(lead)
+            and all(key[a] == lead[a] for a in range(len(lead)) if a != axis)
+        ]
+        if not candidates:
+            out.append(None)
+            continue
+        best = min(candidates, key=lambda k: (abs(k[axis] - lead[axis]), k[axis]))
+        out.append(by_slice[best])
+    return out
+
+
+def union_region(boxes, plane: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """(row0, col0, row1, col1) covering every (row0, col0, row1, col1) box (ends
+    exclusive), clipped to the plane; None for no boxes or nothing inside."""
+    arr = np.asarray(list(boxes), dtype=np.int64).reshape(-1, 4)
+    if not len(arr):
+        return None
+    h, w = plane
+    r0, c0 = max(int(arr[:, 0].min()), 0), max(int(arr[:, 1].min()), 0)
+    r1, c1 = min(int(arr[:, 2].max()), h), min(int(arr[:, 3].max()), w)
+    if r1 <= r0 or c1 <= c0:
+        return None
+    return r0, c0, r1, c1
+
+
+def region_slices(region: tuple[int, int, int, int]) -> tuple[slice, slice]:
+    r0, c0, r1, c1 = region
+    return slice(r0, r1), slice(c0, c1)
+
+
+class OffsetView:
+    """A crop of a (H, W) plane, indexed in the plane's coordinates.
+
+    What ``instances.paint_labels`` writes into when only the region its instances can
+    reach is held in memory: ``shape`` is the plane's, ``view[rows, cols]`` reads and
+    writes ``crop[rows - row0, cols - col0]``. Only slices inside the crop are allowed.
+    """
+
+    def __init__(self, crop: np.ndarray, origin: tuple[int, int], shape: tuple[int, int]):
+        self.crop = crop
+        self.origin = (int(origin[0]), int(origin[1]))
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = crop.dtype
+        self.ndim = 2
+
+    def _key(self, key) -> tuple[slice, slice]:
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise IndexError("OffsetView takes (row slice, col slice)")
+        out = []
+        for s, o, n in zip(key, self.origin, self.crop.shape, strict=True):
+            if not isinstance(s, slice) or s.step not in (None, 1):
+                raise IndexError("OffsetView takes (row slice, col slice)")
+            start, stop = int(s.start) - o, int(s.stop) - o
+            if start < 0 or stop > n:
+                raise IndexError(f"rows/cols {s.start}-{s.stop} are outside the held region")
+            out.append(slice(start, stop))
+        return out[0], out[1]
+
+    def __getitem__(self, key):
+        return self.crop[self._key(key)]
+
+    def __setitem__(self, key, value) -> None:
+        self.crop[self._key(key)] = value
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("an OffsetView holds only a region of the plane")
+
+
+def digest(arr) -> bytes:
+    """A short fingerprint of an array's shape, dtype and values."""
+    import hashlib
+
+    a = np.ascontiguousarray(arr)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{a.shape}{a.dtype.str}".encode())
+    h.update(a.tobytes())
+    return h.digest()

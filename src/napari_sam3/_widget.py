@@ -20,6 +20,21 @@ touch; the preview is then a crop of the object's tile placed with
 ``translate``, and a labels layer for an image of more than ``LARGE_PIXELS``
 pixels is created as a Zarr array in a temporary folder.
 
+Segment everything / concepts: *Find concept* runs SAM3's concept detector
+(``Sam3Model``, loaded on first use next to the tracker) with the text and/or the
+rectangles of the "SAM3 exemplars" layer (green positive, red negative, key ``t``
+toggles) and writes every instance found, with its own id, into the labels layer
+chosen under Layers; *Segment everything* does the same with the tracker and a
+grid of point prompts. Ids start above every existing label and prompt id,
+existing labels are kept unless "Overwrite other labels" is on, and each
+instance's score goes into the labels layer's ``features`` (napari's features
+table; the status bar shows them under the cursor). The labels under the result
+are kept, so moving the threshold re-filters the last concept result and rewrites
+it (one undo step) without running the model, and *Clear last result* restores
+them. Over a stack, the scope "whole stack" runs slice by slice along the
+propagation axis and writes every slice at the end; Cancel leaves the labels as
+they were.
+
 Threads: every model call runs in a napari worker; one lock lets one worker
 use the model at a time, taken per tile or slice, so a click is served between
 two tiles of a precompute or two slices of a propagation. Results are written
@@ -38,10 +53,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils import notifications
-from qtpy.QtCore import QEvent, QTimer, Signal
+from qtpy.QtCore import QEvent, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -50,6 +66,7 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSizePolicy,
+    QSlider,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -71,24 +88,66 @@ POINTS_NAME = "SAM3 points"
 BOXES_NAME = "SAM3 boxes"
 PREVIEW_NAME = "SAM3 preview"
 LABELS_NAME = "SAM3 labels"
+EXEMPLARS_NAME = "SAM3 exemplars"
 DEBOUNCE_MS = 150
 # Above this many pixels (voxels for stacks) the labels layer the widget creates is a
 # Zarr array in a temporary folder instead of a NumPy array (64 MiB of int32).
 LARGE_PIXELS = 4096 * 4096
 PRECOMPUTE_SCOPES = ("field of view", "whole image", "all slices")
 DIRECTIONS = ("both", "forward", "backward")  # same names as propagation.DIRECTIONS
+INSTANCE_SCOPES = ("current slice", "whole stack")
+DEFAULT_THRESHOLD = 0.5  # same as concept.DEFAULT_THRESHOLD (kept literal: no import cost)
+DEFAULT_MIN_SCORE = 0.05  # same as concept.DEFAULT_MIN_SCORE
+THRESHOLD_DEBOUNCE_MS = 40
+# Up to this many changed pixels a concept/everything write goes through napari's
+# data_setitem (one undo step); a larger write is made window by window, without undo.
+UNDO_PIXELS = 1 << 22
 _UNFINISHED = {"adding", "removing", "changing"}
 _MAX_ID = 2**31 - 1
+_TASK_NAMES = {
+    "precompute": "precompute",
+    "propagation": "propagation",
+    "concept": "concept search",
+    "everything": "segment-everything run",
+}
 
 
 class _UserError(Exception):
     """A problem to report in one line (no model, no image, no prompt...)."""
 
 
+class _Cancelled(Exception):
+    """Raised in a worker from a progress callback once Cancel was pressed."""
+
+
+class _WorkerError(Exception):
+    """Carries a RuntimeError out of a generator worker: superqt's GeneratorWorker turns a
+    RuntimeError into "aborted thread" and emits neither ``errored`` nor ``finished``
+    (ModelLoadError and many torch errors are RuntimeErrors)."""
+
+    def __init__(self, original: BaseException):
+        super().__init__(str(original))
+        self.original = original
+
+
+def _shielded(fn):
+    """``fn`` (a generator function) with RuntimeErrors re-raised as ``_WorkerError``."""
+
+    @functools.wraps(fn)
+    def gen(*args, **kwargs):
+        try:
+            return (yield from fn(*args, **kwargs))
+        except RuntimeError as exc:
+            raise _WorkerError(exc) from exc
+
+    return gen
+
+
 def _user_message(exc: BaseException) -> str:
     """One line for the user: our own errors carry it, others get their type."""
     from .model import ModelLoadError
 
+    exc = getattr(exc, "original", exc)  # _WorkerError
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, _UserError | PromptError | _layers.LayerError | ModelLoadError):
         return text
@@ -231,6 +290,46 @@ class _Task:
     written: set = field(default_factory=set)
     max_hole_area: int = 0
     max_sprinkle_area: int = 0
+    # concept / everything
+    source: str = ""  # what was asked, for messages and the features table
+    n_lead: int = 0
+    spatial_shape: tuple = ()
+    results: list | None = None  # [(slice, ConceptResult or EverythingResult)]
+    holder: dict = field(default_factory=dict)  # the concept model, once loaded
+    concept_key: tuple = ()  # (segmenter, concept model) the holder's model is for
+    step: str = ""
+
+
+@dataclass
+class _RunPlane:
+    """One slice of a concept / everything result and the labels under it."""
+
+    lead: tuple
+    result: object  # ConceptResult or EverythingResult
+    region: tuple[int, int, int, int] | None  # where its instances can be written
+    base: np.ndarray | None  # the labels over ``region`` before the result was written
+    written: bytes | None = None  # digest of what the last write left over ``region``
+
+
+@dataclass
+class _InstanceRun:
+    """The last concept / everything result written into a labels layer.
+
+    Every write starts again from the kept labels (``base``), so the threshold can be
+    moved any number of times; ``start_id`` stays fixed.
+    """
+
+    kind: str  # "concept" or "everything"
+    source: str
+    labels: object
+    planes: list[_RunPlane]
+    start_id: int
+    base_features: object  # pandas DataFrame: the layer's features before the first write
+    n_lead: int
+    spatial_shape: tuple
+    threshold: float | None = None
+    ids: tuple[int, int] | None = None  # (first, last) id written, None when none
+    count: int = 0
 
 
 # -- worker functions (run in threads; no Qt, no napari) --------------------------------------
@@ -303,6 +402,64 @@ def _propagate_job(segmenter, lock, stack, prompts, kwargs):
     yield from _locked(segmenter.iter_propagate(stack, prompts, **kwargs), lock)
 
 
+def _slice_progress(progress, i: int, n: int):
+    """``progress(done, total)`` of slice ``i`` of ``n`` as progress over all slices."""
+
+    def report(done, total):
+        progress(i * int(total) + int(done), n * int(total))
+
+    return report
+
+
+def _concept_job(segmenter, lock, holder, model, planes, text, options, progress):
+    """Find the concept on each ``(slice, plane, boxes, labels)``; loads the detector first
+    if ``holder`` has none. Yields ("loading", model) and ("slice", i, n, slice) steps;
+    returns ``[(slice, ConceptResult)]``."""
+    from .concept import ConceptSegmenter
+
+    concept = holder.get("concept")
+    if concept is None:
+        yield ("loading", model or segmenter.model_id)
+        # no lock: loading only reads the tracker (to share its ViT when the weights match)
+        concept = ConceptSegmenter.for_segmenter(segmenter, model)
+        holder["concept"] = concept
+    results = []
+    n = len(planes)
+    for i, (lead, image, boxes, labels) in enumerate(planes):
+        yield ("slice", i, n, lead)
+        with lock:
+            res = concept.detect(
+                image,
+                text,
+                boxes,
+                exemplar_labels=labels,
+                progress=_slice_progress(progress, i, n),
+                **options,
+            )
+        results.append((lead, res))
+    return results
+
+
+def _everything_job(segmenter, lock, planes, settings, limits, progress):
+    """Segment everything on each ``(slice, plane)``; returns ``[(slice, EverythingResult)]``."""
+    from .everything import generate_everything
+
+    results = []
+    n = len(planes)
+    for i, (lead, image) in enumerate(planes):
+        yield ("slice", i, n, lead)
+        with lock:
+            res = generate_everything(
+                segmenter,
+                image,
+                settings=settings,
+                limits=limits,
+                progress=_slice_progress(progress, i, n),
+            )
+        results.append((lead, res))
+    return results
+
+
 def _new_labels_data(shape: tuple, n_lead: int):
     """Zeros for a new labels layer: NumPy when it has at most ``LARGE_PIXELS`` voxels,
     else a Zarr array (one chunk per 1024 x 1024 tile of a slice) in a temporary folder.
@@ -341,9 +498,21 @@ class Sam3Widget(QWidget):
     ``load_model``, ``segment_current``, ``commit``, ``new_object``, ``cancel``,
     ``refine_selected``, ``toggle_polarity``, ``precompute``, ``propagate``,
     ``current_slice``, ``propagation_axis``, ``field_of_view``.
+
+    Segment everything / concepts: ``instances_box``, ``scope_combo``,
+    ``concept_text_edit``, ``concept_model_edit``, ``exemplars_combo``,
+    ``draw_exemplars_button``, ``exemplar_positive_checkbox``, ``threshold_slider``,
+    ``threshold_spin``, ``find_concept_button``, ``points_per_side_spin``,
+    ``pred_iou_spin``, ``stability_spin``, ``min_area_spin``, ``everything_button``,
+    ``clear_result_button``, ``instances_cancel_button``; ``concept`` (the loaded
+    ``ConceptSegmenter`` or None), ``last_run`` (the last result written, with its
+    per-slice ``planes``), and the methods ``find_concept``, ``segment_everything``,
+    ``apply_threshold``, ``clear_last_result``, ``draw_exemplars``,
+    ``toggle_exemplar_polarity``, ``everything_settings``.
     """
 
     _cache_warning = Signal(str)  # from worker threads to the GUI thread
+    _task_progress = Signal(object, int, int)  # (task, done, total) from worker threads
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent=None):
         super().__init__(parent)
@@ -372,9 +541,16 @@ class Sam3Widget(QWidget):
         self._setting_tiling = False
         self._axis_state = None
         self._max_written = 0  # largest id written by the widget (labels too big to scan)
+        self._concept = None  # ConceptSegmenter, loaded on first use
+        self._concept_key: tuple | None = None  # (segmenter, concept model) it was loaded for
+        self._run: _InstanceRun | None = None  # the last concept / everything result written
+        self._non_rect_exemplars = 0
+        self._exemplars_off = False  # the user chose "(none)" for exemplars
+        self._bound["exemplars"] = None
 
         self._build_ui(DEFAULTS)
         self._cache_warning.connect(self._on_cache_warning)
+        self._task_progress.connect(self._on_task_progress)
 
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -384,6 +560,10 @@ class Sam3Widget(QWidget):
         self._ensure_timer.setSingleShot(True)
         self._ensure_timer.setInterval(0)
         self._ensure_timer.timeout.connect(self._ensure_layers)
+        self._threshold_timer = QTimer(self)
+        self._threshold_timer.setSingleShot(True)
+        self._threshold_timer.setInterval(THRESHOLD_DEBOUNCE_MS)
+        self._threshold_timer.timeout.connect(self._on_threshold_timeout)
 
         layers = self.viewer.layers
         layers.events.inserted.connect(self._on_layer_inserted)
@@ -403,6 +583,7 @@ class Sam3Widget(QWidget):
         root.addWidget(self._build_layer_box())
         root.addWidget(self._build_object_box())
         root.addWidget(self._build_propagate_box())
+        root.addWidget(self._build_instances_box())
         root.addWidget(self._build_post_box(defaults))
 
         self.progress_bar = QProgressBar()
@@ -581,6 +762,144 @@ class Sam3Widget(QWidget):
         self._update_axis_info()
         return box
 
+    def _build_instances_box(self) -> QGroupBox:
+        from .everything import SETTINGS
+
+        box = QGroupBox("Segment everything / concepts")
+        box.setCheckable(True)  # unchecked: folded away
+        box.setChecked(True)
+        self.instances_box = box
+        outer = QVBoxLayout(box)
+        inner = QWidget()
+        outer.addWidget(inner)
+        box.toggled.connect(inner.setVisible)
+        form = QFormLayout(inner)
+        form.setContentsMargins(0, 0, 0, 0)
+
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems(INSTANCE_SCOPES)
+        self.scope_combo.setToolTip(
+            "Stacks: the current slice, or every slice along the propagation axis (written "
+            "when all are done)"
+        )
+        self.scope_combo.setEnabled(False)
+        form.addRow("Scope", self.scope_combo)
+
+        self.concept_text_edit = QLineEdit()
+        self.concept_text_edit.setPlaceholderText("nucleus")
+        self.concept_text_edit.setToolTip(
+            "A short noun phrase (nucleus, mitochondrion, cell); may be empty with exemplars"
+        )
+        self.concept_text_edit.returnPressed.connect(self._on_find_concept_clicked)
+        form.addRow("Concept", self.concept_text_edit)
+        self.concept_model_edit = QLineEdit()
+        self.concept_model_edit.setPlaceholderText("same as Model above")
+        self.concept_model_edit.setToolTip(
+            "SAM3 checkpoint with the concept detector (Sam3Model): a hub id or a local "
+            "folder; empty: the model loaded above (facebook/sam3 holds both). Loaded on "
+            "first use"
+        )
+        form.addRow("Concept model", self.concept_model_edit)
+        row = QHBoxLayout()
+        self.exemplars_combo = QComboBox()
+        self.exemplars_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
+        self.exemplars_combo.setToolTip(
+            f"Shapes layer whose rectangles are exemplars ('{EXEMPLARS_NAME}')"
+        )
+        self.exemplars_combo.currentIndexChanged.connect(
+            functools.partial(self._on_combo_changed, "exemplars")
+        )
+        self.draw_exemplars_button = QPushButton("Draw")
+        self.draw_exemplars_button.setToolTip(
+            f"Draw rectangles around example objects in '{EXEMPLARS_NAME}' (created if "
+            "needed); key t toggles positive / negative"
+        )
+        self.draw_exemplars_button.clicked.connect(self._on_draw_exemplars_clicked)
+        row.addWidget(self.exemplars_combo, 1)
+        row.addWidget(self.draw_exemplars_button)
+        form.addRow("Exemplars", row)
+        self.exemplar_positive_checkbox = QCheckBox("New exemplars are positive (key t toggles)")
+        self.exemplar_positive_checkbox.setChecked(True)
+        self.exemplar_positive_checkbox.toggled.connect(self._on_exemplar_positive_toggled)
+        form.addRow(self.exemplar_positive_checkbox)
+
+        row = QHBoxLayout()
+        self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
+        self.threshold_slider.setRange(0, 1000)
+        self.threshold_slider.setValue(round(DEFAULT_THRESHOLD * 1000))
+        self.threshold_spin = QDoubleSpinBox()
+        self.threshold_spin.setRange(0.0, 1.0)
+        self.threshold_spin.setDecimals(3)
+        self.threshold_spin.setSingleStep(0.01)
+        self.threshold_spin.setValue(DEFAULT_THRESHOLD)
+        tip = (
+            "Keep instances scoring above this; moving it re-filters the last concept result "
+            "without running the model"
+        )
+        self.threshold_slider.setToolTip(tip)
+        self.threshold_spin.setToolTip(tip)
+        self.threshold_slider.valueChanged.connect(self._on_threshold_slider)
+        self.threshold_spin.valueChanged.connect(self._on_threshold_changed)
+        row.addWidget(self.threshold_slider, 1)
+        row.addWidget(self.threshold_spin)
+        form.addRow("Threshold", row)
+        self.find_concept_button = QPushButton("Find concept")
+        self.find_concept_button.setToolTip(
+            "Every instance of the text and/or exemplars, each with its own label id"
+        )
+        self.find_concept_button.clicked.connect(self._on_find_concept_clicked)
+        form.addRow(self.find_concept_button)
+
+        self.points_per_side_spin = QSpinBox()
+        self.points_per_side_spin.setRange(1, 256)
+        self.points_per_side_spin.setValue(SETTINGS.points_per_side)
+        self.points_per_side_spin.setToolTip(
+            "Grid of point prompts per tile side (raise it for small, dense cells)"
+        )
+        form.addRow("Points per side", self.points_per_side_spin)
+        self.pred_iou_spin = QDoubleSpinBox()
+        self.stability_spin = QDoubleSpinBox()
+        for spin, value, label, tip in (
+            (self.pred_iou_spin, SETTINGS.pred_iou_thresh, "Pred IoU threshold",
+             "Keep masks whose predicted IoU is above this"),
+            (self.stability_spin, SETTINGS.stability_score_thresh, "Stability threshold",
+             "Keep masks that change little when the mask threshold moves"),
+        ):  # fmt: skip
+            spin.setRange(0.0, 1.0)
+            spin.setDecimals(3)
+            spin.setSingleStep(0.01)
+            spin.setValue(value)
+            spin.setToolTip(tip)
+            form.addRow(label, spin)
+        self.min_area_spin = QSpinBox()
+        self.min_area_spin.setRange(0, _MAX_ID)
+        self.min_area_spin.setValue(SETTINGS.min_area)
+        self.min_area_spin.setSuffix(" px")
+        self.min_area_spin.setToolTip("Drop objects smaller than this")
+        form.addRow("Min area", self.min_area_spin)
+        self.everything_button = QPushButton("Segment everything")
+        self.everything_button.setToolTip(
+            "Every object the point grid finds, without a concept (uses the embedding cache)"
+        )
+        self.everything_button.clicked.connect(self._on_everything_clicked)
+        form.addRow(self.everything_button)
+
+        row = QHBoxLayout()
+        self.clear_result_button = QPushButton("Clear last result")
+        self.clear_result_button.setToolTip(
+            "Restore the labels the last concept / everything result was written over"
+        )
+        self.clear_result_button.clicked.connect(self._on_clear_result_clicked)
+        self.instances_cancel_button = QPushButton("Cancel")
+        self.instances_cancel_button.setToolTip("Stop the running job; the labels stay unchanged")
+        self.instances_cancel_button.clicked.connect(self._on_cancel_clicked)
+        row.addWidget(self.clear_result_button)
+        row.addWidget(self.instances_cancel_button)
+        form.addRow(row)
+        return box
+
     def _build_post_box(self, defaults) -> QGroupBox:
         box = QGroupBox("Post-processing")
         form = QFormLayout(box)
@@ -623,6 +942,7 @@ class Sam3Widget(QWidget):
             or self.load_worker is not None
             or self.task is not None
             or self._ensure_timer.isActive()
+            or self._threshold_timer.isActive()
         )
 
     def _set_status(self, text: str) -> None:
@@ -672,6 +992,10 @@ class Sam3Widget(QWidget):
     @property
     def labels_layer(self):
         return self._combo_layer(self.labels_combo)
+
+    @property
+    def exemplars_layer(self):
+        return self._combo_layer(self.exemplars_combo)
 
     @property
     def preview_layer(self):
@@ -727,6 +1051,13 @@ class Sam3Widget(QWidget):
         for layer in self.viewer.layers:
             pairs.append((layer.events.name, self._on_layers_changed))
         points, shapes = self._bound.get("points"), self._bound.get("shapes")
+        exemplars = self._bound.get("exemplars")
+        if exemplars is not None:
+            pairs.append((exemplars.events.data, self._on_exemplars_data))
+            try:
+                exemplars.bind_key("t", None, overwrite=True)
+            except Exception:  # noqa: BLE001
+                pass
         if points is not None:
             pairs.append((points.events.data, self._on_prompt_data))
             try:
@@ -740,10 +1071,14 @@ class Sam3Widget(QWidget):
                 emitter.disconnect(callback)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        self._bound = {"image": None, "points": None, "shapes": None}
+        self._bound = {"image": None, "points": None, "shapes": None, "exemplars": None}
 
     def _timer_safe_stop(self) -> None:
-        for timer in (getattr(self, "_timer", None), getattr(self, "_ensure_timer", None)):
+        for timer in (
+            getattr(self, "_timer", None),
+            getattr(self, "_ensure_timer", None),
+            getattr(self, "_threshold_timer", None),
+        ):
             try:
                 if timer is not None and not _qt_deleted(timer):
                     timer.stop()
@@ -794,11 +1129,32 @@ class Sam3Widget(QWidget):
             LABELS_NAME,
             exclude=(preview,) if preview is not None else (),
         )
-        for role in ("image", "points", "shapes"):
+        self._fill_exemplars_combo()
+        for role in ("image", "points", "shapes", "exemplars"):
             self._sync_role(role)
+
+    def _fill_exemplars_combo(self) -> None:
+        """A "(none)" item, then every Shapes layer; keeps the choice, else "SAM3 exemplars"."""
+        combo = self.exemplars_combo
+        keep = combo.currentData()
+        choices = [ly for ly in self.viewer.layers if isinstance(ly, Shapes)]
+        combo.blockSignals(True)
+        try:
+            combo.clear()
+            combo.addItem("(none)", None)
+            for ly in choices:
+                combo.addItem(ly.name, ly)
+            index = next((i for i, ly in enumerate(choices) if _same(ly, keep)), -1)
+            if index < 0 and not self._exemplars_off:
+                index = next((i for i, ly in enumerate(choices) if ly.name == EXEMPLARS_NAME), -1)
+            combo.setCurrentIndex(index + 1)
+        finally:
+            combo.blockSignals(False)
 
     @_guarded
     def _on_combo_changed(self, role: str, *_) -> None:
+        if role == "exemplars":
+            self._exemplars_off = self.exemplars_combo.currentIndex() == 0
         if role in self._bound:
             self._sync_role(role)
 
@@ -807,6 +1163,7 @@ class Sam3Widget(QWidget):
             "image": self.image_layer,
             "points": self.points_layer,
             "shapes": self.shapes_layer,
+            "exemplars": self.exemplars_layer,
         }[role]
         if _same(layer, self._bound[role]):
             return
@@ -816,6 +1173,7 @@ class Sam3Widget(QWidget):
             self._supersede()
             self._clear_preview()
             self._mask_prompt = None
+            self._run = None  # the threshold no longer moves a result of another image
             self._update_axis_info()
             if layer is not None:
                 self._ensure_timer.start()
@@ -825,6 +1183,12 @@ class Sam3Widget(QWidget):
                 old.bind_key("t", None, overwrite=True)
             if layer is not None:
                 self._adopt_points(layer)
+        elif role == "exemplars":
+            if self._layer_alive(old):
+                old.events.data.disconnect(self._on_exemplars_data)
+                old.bind_key("t", None, overwrite=True)
+            if layer is not None:
+                self._adopt_exemplars(layer)
         else:
             if self._layer_alive(old):
                 old.events.data.disconnect(self._on_shapes_data)
@@ -1203,6 +1567,8 @@ class Sam3Widget(QWidget):
     @_guarded
     def _on_model_loaded(self, segmenter) -> None:
         self.segmenter = segmenter
+        if self._concept_key is not None and self._concept_key[0] is not segmenter:
+            self._concept, self._concept_key = None, None
         self._warned_no_model = False
         self._show_tiling(segmenter)
         store = getattr(segmenter, "store", None)
@@ -1403,7 +1769,7 @@ class Sam3Widget(QWidget):
         self._job_seq += 1
         job = self._job_seq
         worker = create_worker(
-            _segment_job,
+            _shielded(_segment_job),
             self.segmenter,
             self._model_lock,
             req,
@@ -1508,7 +1874,7 @@ class Sam3Widget(QWidget):
         if task is not None and not task.cancelled:
             task.cancelled = True
             task.worker.quit()
-            stopped.append(task.kind)
+            stopped.append(_TASK_NAMES.get(task.kind, task.kind))
         if not stopped:
             self._set_status("Nothing to cancel")
             return False
@@ -1681,21 +2047,32 @@ class Sam3Widget(QWidget):
     def _start_task(self, task: _Task, fn, *args) -> _Task:
         from napari.qt.threading import create_worker
 
-        worker = create_worker(fn, *args, _start_thread=False, _ignore_errors=True)
+        worker = create_worker(_shielded(fn), *args, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(functools.partial(self._on_task_yield, task))
+        worker.returned.connect(functools.partial(self._on_task_returned, task))
         worker.errored.connect(functools.partial(self._on_task_error, task))
         worker.finished.connect(functools.partial(self._on_task_finished, task))
         task.worker = worker
         self.task = task
-        for button in (self.precompute_button, self.propagate_button):
+        for button in self._task_buttons():
             button.setEnabled(False)
         self._update_progress()
         worker.start()
         return task
 
+    def _task_buttons(self) -> tuple:
+        return (
+            self.precompute_button,
+            self.propagate_button,
+            self.find_concept_button,
+            self.everything_button,
+            self.clear_result_button,
+        )
+
     def _task_checks(self) -> _Source:
         if self.task is not None:
-            raise _UserError(f"a {self.task.kind} is running: wait for it or cancel it")
+            name = _TASK_NAMES.get(self.task.kind, self.task.kind)
+            raise _UserError(f"a {name} is running: wait for it or cancel it")
         if self.segmenter is None:
             raise _UserError("no SAM3 model loaded: click 'Load model' first")
         src = self._source()
@@ -1822,6 +2199,9 @@ class Sam3Widget(QWidget):
     def _on_task_yield(self, task: _Task, value) -> None:
         if task is not self.task or task.cancelled:
             return  # a slice that arrives after Cancel is dropped whole
+        if task.kind in ("concept", "everything"):
+            self._instances_step(task, value)
+            return
         if task.kind == "precompute":
             task.done, task.total, task.encoded = value
             self._set_status(
@@ -1852,20 +2232,47 @@ class Sam3Widget(QWidget):
         )
 
     @_guarded
+    def _on_task_returned(self, task: _Task, value) -> None:
+        if task is self.task and not task.cancelled and task.kind in ("concept", "everything"):
+            task.results = value
+
+    @_guarded
+    def _on_task_progress(self, task: _Task, done: int, total: int) -> None:
+        if task is not self.task or task.cancelled:
+            return
+        task.done, task.total = int(done), int(total)
+        self._update_progress()
+
+    @_guarded
     def _on_task_error(self, task: _Task, exc) -> None:
-        if task.cancelled:
+        exc = getattr(exc, "original", exc)  # _WorkerError
+        if task.cancelled or isinstance(exc, _Cancelled):
             return
         task.failed = True
-        self._report(f"SAM3: {task.kind} failed: {_user_message(exc)}")
+        if task.kind == "concept" and task.step == "loading":
+            from .model import ModelLoadError
+
+            msg = _user_message(exc)
+            if not isinstance(exc, ModelLoadError):
+                msg = f"cannot load the concept model: {msg}"
+            self._report(f"SAM3: {msg}")
+            return
+        name = {"concept": "Find concept", "everything": "Segment everything"}.get(
+            task.kind, task.kind
+        )
+        self._report(f"SAM3: {name} failed: {_user_message(exc)}")
 
     @_guarded
     def _on_task_finished(self, task: _Task, *_) -> None:
         if task is not self.task:
             return
         self.task = None
-        for button in (self.precompute_button, self.propagate_button):
+        for button in self._task_buttons():
             button.setEnabled(True)
         self._update_progress()
+        if task.kind in ("concept", "everything"):
+            self._finish_instances(task)
+            return
         if task.failed:
             return
         if task.kind == "precompute":
@@ -1896,6 +2303,9 @@ class Sam3Widget(QWidget):
             src = self._source() if self.image_layer is not None else None
         except (_UserError, _layers.LayerError):
             src = None
+        scope = getattr(self, "scope_combo", None)
+        if scope is not None:
+            scope.setEnabled(bool(src is not None and src.n_lead))
         if src is None or not src.n_lead:
             self._axis_state = None
             self.axis_label.setText("Choose a z-stack or time series to propagate through it")
@@ -1911,3 +2321,632 @@ class Sam3Widget(QWidget):
             self.stop_spin.setValue(depth - 1)
         note = "".join(f"; axis {a} stays at {v}" for a, v in sorted(fixed.items()))
         self.axis_label.setText(f"Along axis {axis} of '{src.layer.name}' ({depth} slices){note}")
+
+    # -- segment everything / concepts -------------------------------------------------------
+    @property
+    def concept(self):
+        """The ``ConceptSegmenter`` in use (None until the first *Find concept*)."""
+        return self._concept
+
+    @property
+    def last_run(self) -> _InstanceRun | None:
+        """The last concept / everything result written (None once cleared or edited)."""
+        return self._run
+
+    @property
+    def threshold(self) -> float:
+        return float(self.threshold_spin.value())
+
+    @property
+    def exemplar_positive(self) -> bool:
+        """Polarity of new exemplar rectangles."""
+        return self.exemplar_positive_checkbox.isChecked()
+
+    def everything_settings(self):
+        """``EverythingSettings`` from the section's parameters and the post-processing ones."""
+        from .everything import EverythingSettings
+
+        return EverythingSettings(
+            points_per_side=int(self.points_per_side_spin.value()),
+            pred_iou_thresh=float(self.pred_iou_spin.value()),
+            stability_score_thresh=float(self.stability_spin.value()),
+            min_area=int(self.min_area_spin.value()),
+            max_hole_area=int(self.max_hole_area.value()),
+            max_sprinkle_area=int(self.max_sprinkle_area.value()),
+        )
+
+    # exemplars layer
+    def draw_exemplars(self):
+        """Make the exemplars layer (created as "SAM3 exemplars" if none is chosen) active in
+        rectangle mode; returns it."""
+        src = self._source()
+        layer = self.exemplars_layer
+        if layer is None:
+            layer = next(
+                (
+                    ly
+                    for ly in self.viewer.layers
+                    if ly.name == EXEMPLARS_NAME and isinstance(ly, Shapes) and ly.ndim == src.ndim
+                ),
+                None,
+            )
+            if layer is None:
+                image = src.layer
+                color = _layers.POSITIVE_COLOR if self.exemplar_positive else _layers.NEGATIVE_COLOR
+                layer = self.viewer.add_shapes(
+                    ndim=src.ndim,
+                    name=EXEMPLARS_NAME,
+                    edge_color=[color],
+                    face_color="transparent",
+                    edge_width=max(1.0, max(src.plane) / 300),
+                    features={"positive": np.zeros(0, bool)},
+                    feature_defaults={"positive": self.exemplar_positive},
+                    scale=image.scale,
+                    translate=image.translate,
+                )
+            self._exemplars_off = False
+            self._refresh_combos()
+            self._select(self.exemplars_combo, layer)
+        self.viewer.layers.selection.active = layer
+        layer.mode = "add_rectangle"
+        self._set_status(
+            f"Draw rectangles around example objects in '{layer.name}' "
+            f"({'positive' if self.exemplar_positive else 'negative'}; key t toggles)"
+        )
+        return layer
+
+    @_guarded
+    def _on_draw_exemplars_clicked(self, *_) -> None:
+        try:
+            self.draw_exemplars()
+        except (_UserError, _layers.LayerError) as exc:
+            self._report(f"SAM3: {exc}")
+
+    def _adopt_exemplars(self, layer) -> None:
+        if "positive" not in layer.features:
+            new = layer.features.copy()
+            new["positive"] = np.ones(len(layer.data), dtype=bool)
+            layer.features = new
+        _set_feature_default(layer, "positive", self.exemplar_positive)
+        self._non_rect_exemplars = _layers.count_non_rectangles(layer.shape_type)
+        layer.events.data.connect(self._on_exemplars_data)
+        layer.bind_key("t", self._on_exemplar_t_key, overwrite=True)
+        self._recolor_exemplars(layer)
+
+    def _recolor_exemplars(self, layer) -> None:
+        n = len(layer.data)
+        if n == 0:
+            return
+        pos = _layers.feature_column(layer.features, "positive", n, True)
+        colors = _layers.polarity_colors(pos)
+        current = np.asarray(layer.edge_color)
+        if current.shape != colors.shape or not np.allclose(current, colors):
+            layer.edge_color = colors
+
+    @_guarded
+    def _on_exemplars_data(self, event) -> None:
+        if str(getattr(event, "action", "")) in _UNFINISHED:
+            return
+        layer = self.exemplars_layer
+        if layer is None:
+            return
+        self._recolor_exemplars(layer)
+        count = _layers.count_non_rectangles(layer.shape_type)
+        if count > self._non_rect_exemplars:
+            self._report(
+                f"SAM3 uses rectangles as exemplars: {count} non-rectangle "
+                f"shape{'s' if count != 1 else ''} in '{layer.name}' ignored",
+                "info",
+            )
+        self._non_rect_exemplars = count
+
+    def _on_exemplar_t_key(self, layer=None) -> None:
+        if self._closed or _qt_deleted(self):
+            self._detach()
+            return
+        try:
+            self.toggle_exemplar_polarity()
+        except Exception as exc:  # noqa: BLE001 - called from napari's key handler
+            self._report(f"SAM3: {_user_message(exc)}")
+
+    def toggle_exemplar_polarity(self) -> bool:
+        """Flip the polarity of new exemplars and of the selected ones; returns the new one."""
+        self.exemplar_positive_checkbox.setChecked(not self.exemplar_positive)
+        return self.exemplar_positive
+
+    @_guarded
+    def _on_exemplar_positive_toggled(self, checked: bool) -> None:
+        layer = self.exemplars_layer
+        if layer is None:
+            return
+        _set_feature_default(layer, "positive", bool(checked))
+        selected = sorted(i for i in layer.selected_data if i < len(layer.data))
+        if selected:
+            n = len(layer.data)
+            pos = np.array(_layers.feature_column(layer.features, "positive", n, True), bool)
+            pos[selected] = ~pos[selected]
+            feats = layer.features.copy()
+            feats["positive"] = pos
+            layer.features = feats
+            self._recolor_exemplars(layer)
+        self._set_status(
+            f"New exemplars are {'positive' if checked else 'negative'}"
+            + (f"; {len(selected)} selected exemplar(s) flipped" if selected else "")
+        )
+
+    def _exemplar_prompts(self, src: _Source) -> tuple[dict, int]:
+        """``({slice: (boxes, labels)}, ignored shapes)`` of the exemplars layer."""
+        layer = self.exemplars_layer
+        if layer is None or not len(layer.data):
+            return {}, 0
+        point = np.asarray(self.viewer.dims.point, dtype=np.float64)
+        shapes = [_layers.to_image_coords_nd(layer, src.layer, d, point) for d in layer.data]
+        return _layers.exemplar_boxes_by_slice(
+            shapes, list(layer.shape_type), layer.features, src.plane, src.n_lead
+        )
+
+    # running
+    def _scope_leads(self, src: _Source, scope: str) -> tuple[list[tuple], int]:
+        """The slices a run covers and the axis they run along."""
+        if scope not in INSTANCE_SCOPES:
+            raise ValueError(f"scope must be one of {INSTANCE_SCOPES}")
+        if scope == "whole stack" and src.n_lead:
+            axis, fixed = self.propagation_axis(src)
+            view = _layers.AxisView(src.data, axis, fixed, src.n_lead)
+            return [view.lead(k) for k in range(view.shape[0])], axis
+        return [self.current_slice(src)], 0
+
+    def _instances_checks(self):
+        src = self._task_checks()
+        labels = self.labels_layer
+        if labels is None:
+            raise _UserError("no labels layer to write into: choose one in the widget")
+        data = _unwrap(labels).data
+        if tuple(data.shape) != src.spatial_shape:
+            raise _UserError(
+                f"labels layer '{labels.name}' has shape {tuple(data.shape)}, "
+                f"the image is {src.spatial_shape}"
+            )
+        return src, labels
+
+    def _progress_callback(self, task: _Task):
+        """``progress(done, total)`` for the core, called in the worker: raises once Cancel
+        was pressed, else shows the progress on the GUI thread."""
+        ref = weakref.ref(self)
+
+        def progress(done, total):
+            if task.cancelled:
+                raise _Cancelled()
+            widget = ref()
+            if widget is not None and not _qt_deleted(widget):
+                widget._task_progress.emit(task, int(done), int(total))
+
+        return progress
+
+    def find_concept(self, scope: str | None = None) -> bool:
+        """Find every instance of the concept (text and/or exemplars) in a worker and write
+        them into the labels layer, one id each (see the module docstring).
+
+        ``scope`` (default: the combo's): "current slice" or, for stacks, "whole stack".
+        The concept detector is loaded on first use (same device, dtype, tiling and cache
+        folder as the model above). Returns False (one line reported) when it cannot start.
+        """
+        scope = scope or self.scope_combo.currentText()
+        try:
+            src, labels = self._instances_checks()
+            text = self.concept_text_edit.text().strip() or None
+            leads, axis = self._scope_leads(src, scope)
+            by_slice, ignored = self._exemplar_prompts(src)
+            exemplars = _layers.exemplars_for_slices(by_slice, leads, axis)
+            if text is None and all(ex is None for ex in exemplars):
+                raise _UserError(
+                    "type a concept (e.g. nucleus) or draw exemplar rectangles "
+                    f"('{EXEMPLARS_NAME}') first"
+                )
+        except (_UserError, _layers.LayerError, PromptError) as exc:
+            self._report(f"SAM3: {exc}")
+            return False
+        planes = []
+        for lead, ex in zip(leads, exemplars, strict=True):
+            boxes, box_labels = ex if ex is not None else (None, None)
+            planes.append((lead, src.plane_at(lead), boxes, box_labels))
+        options = {
+            "threshold": self.threshold,
+            "min_score": DEFAULT_MIN_SCORE,
+            "limits": src.limits,
+            "max_hole_area": int(self.max_hole_area.value()),
+            "max_sprinkle_area": int(self.max_sprinkle_area.value()),
+        }
+        model = self.concept_model_edit.text().strip() or None
+        key = (self.segmenter, model)
+        holder = {}
+        if self._concept is not None and self._concept_key == key:
+            self._concept.tile_size = self.segmenter.tile_size
+            self._concept.overlap = self.segmenter.overlap
+            holder["concept"] = self._concept
+        n_ex = sum(len(ex[0]) for ex in by_slice.values())
+        if text and n_ex:
+            source = f"concept '{text}' + exemplars"
+        else:
+            source = f"concept '{text}'" if text else "exemplars"
+        task = _Task(
+            "concept",
+            labels=labels,
+            source=source,
+            n_lead=src.n_lead,
+            spatial_shape=src.spatial_shape,
+            holder=holder,
+            concept_key=key,
+        )
+        note = f" ({ignored} non-rectangle exemplar shape(s) ignored)" if ignored else ""
+        self._set_status(f"Finding {source}...{note}")
+        self._start_task(
+            task,
+            _concept_job,
+            self.segmenter,
+            self._model_lock,
+            holder,
+            model,
+            planes,
+            text,
+            options,
+            self._progress_callback(task),
+        )
+        return True
+
+    @_guarded
+    def _on_find_concept_clicked(self, *_) -> None:
+        self.find_concept()
+
+    def segment_everything(self, scope: str | None = None) -> bool:
+        """Segment every object (point grid, no concept) in a worker with the section's
+        parameters and write them into the labels layer, one id each."""
+        scope = scope or self.scope_combo.currentText()
+        try:
+            src, labels = self._instances_checks()
+            leads, _ = self._scope_leads(src, scope)
+            settings = self.everything_settings()
+        except (_UserError, _layers.LayerError, PromptError, ValueError) as exc:
+            self._report(f"SAM3: {exc}")
+            return False
+        planes = [(lead, src.plane_at(lead)) for lead in leads]
+        task = _Task(
+            "everything",
+            labels=labels,
+            source="everything",
+            n_lead=src.n_lead,
+            spatial_shape=src.spatial_shape,
+        )
+        self._set_status("Segmenting everything...")
+        self._start_task(
+            task,
+            _everything_job,
+            self.segmenter,
+            self._model_lock,
+            planes,
+            settings,
+            src.limits,
+            self._progress_callback(task),
+        )
+        return True
+
+    @_guarded
+    def _on_everything_clicked(self, *_) -> None:
+        self.segment_everything()
+
+    def _instances_step(self, task: _Task, value) -> None:
+        task.step = value[0]
+        if value[0] == "loading":
+            self._set_status(f"Loading the concept model {value[1]} (once)...")
+            return
+        _, i, n, lead = value
+        what = f"Finding {task.source}" if task.kind == "concept" else "Segmenting everything"
+        where = f" on {_layers.format_slice(lead)} ({i + 1}/{n})" if lead else ""
+        self._set_status(f"{what}{where}...")
+
+    def _finish_instances(self, task: _Task) -> None:
+        concept = task.holder.get("concept")
+        if concept is not None and task.concept_key and task.concept_key[0] is self.segmenter:
+            self._concept, self._concept_key = concept, task.concept_key
+        name = "Find concept" if task.kind == "concept" else "Segment everything"
+        if task.cancelled:
+            self._set_status(f"{name} cancelled: the labels are unchanged")
+            return
+        if task.failed or task.results is None:
+            return
+        try:
+            self._start_run(task)
+        except _UserError as exc:
+            self._report(f"SAM3: {exc}")
+
+    def _start_run(self, task: _Task) -> None:
+        """Keep the labels under the new result, then write it."""
+        labels = task.labels
+        if not self._layer_alive(labels):
+            raise _UserError("the labels layer was removed: nothing written")
+        data = _unwrap(labels).data
+        if tuple(data.shape) != tuple(task.spatial_shape):
+            raise _UserError(f"labels layer '{labels.name}' changed shape: nothing written")
+        plane = tuple(int(v) for v in task.spatial_shape[-2:])
+        planes = []
+        for lead, res in task.results:
+            items = res.candidates if task.kind == "concept" else res.instances
+            region = _layers.union_region([x.bbox for x in items], plane)
+            base = None
+            if region is not None:
+                base = np.array(data[tuple(lead) + _layers.region_slices(region)])
+            planes.append(_RunPlane(tuple(lead), res, region, base))
+        start_id = _layers.next_object_id(self._max_label(labels), self._prompt_ids_in_layers())
+        run = _InstanceRun(
+            kind=task.kind,
+            source=task.source,
+            labels=labels,
+            planes=planes,
+            start_id=start_id,
+            base_features=_base_features(labels),
+            n_lead=task.n_lead,
+            spatial_shape=tuple(task.spatial_shape),
+        )
+        self._run = None
+        if self._write_run(run, self.threshold if task.kind == "concept" else None):
+            self._run = run
+
+    def _run_currents(self, run: _InstanceRun) -> list | None:
+        """The labels over each plane's region now, if they are still what the run's last
+        write left there; else None (reported, and the run is dropped)."""
+        if not self._layer_alive(run.labels):
+            self._run = None
+            raise _UserError("the labels layer of the last result was removed")
+        data = _unwrap(run.labels).data
+        if tuple(data.shape) != run.spatial_shape:
+            self._run = None
+            raise _UserError(f"labels layer '{run.labels.name}' changed shape")
+        currents = []
+        for p in run.planes:
+            if p.region is None:
+                currents.append(None)
+            elif p.written is None:
+                currents.append(p.base)
+            else:
+                cur = np.asarray(data[p.lead + _layers.region_slices(p.region)])
+                if _layers.digest(cur) != p.written:
+                    self._run = None
+                    self._report(
+                        "SAM3: the labels under the last result were edited since it was "
+                        "written: it can no longer be re-thresholded or cleared (run it again)",
+                        "warning",
+                    )
+                    return None
+                currents.append(cur)
+        return currents
+
+    def _write_planes(self, run: _InstanceRun, currents: list, outs: list) -> bool:
+        """Write what changed between ``currents`` and ``outs``: one ``data_setitem`` (one
+        undo step) up to ``UNDO_PIXELS`` changed pixels, else region by region (no undo).
+        Returns whether it is undoable."""
+        labels = run.labels
+        data = _unwrap(labels).data
+        dtype = np.dtype(data.dtype)
+        parts: list[list[np.ndarray]] = [[] for _ in range(run.n_lead + 2)]
+        values = []
+        for p, cur, out in zip(run.planes, currents, outs, strict=True):
+            if out is None:
+                continue
+            rr, cc = np.nonzero(out != cur)
+            if not rr.size:
+                continue
+            for a, v in enumerate(p.lead):
+                parts[a].append(np.full(rr.size, v, dtype=np.intp))
+            parts[-2].append(rr + p.region[0])
+            parts[-1].append(cc + p.region[1])
+            values.append(out[rr, cc])
+        changed = sum(v.size for v in values)
+        undoable = True
+        if changed and changed <= UNDO_PIXELS:
+            labels.data_setitem(
+                tuple(np.concatenate(x) for x in parts),
+                np.concatenate(values).astype(dtype, copy=False),
+            )
+        elif changed:
+            undoable = False
+            for p, out in zip(run.planes, outs, strict=True):
+                if out is not None:
+                    data[p.lead + _layers.region_slices(p.region)] = out
+            labels.refresh()
+        for p, out in zip(run.planes, outs, strict=True):
+            if out is not None:
+                p.written = _layers.digest(out)
+        return undoable
+
+    def _write_run(self, run: _InstanceRun, threshold: float | None) -> bool:
+        """(Re)write the run over its kept labels with ``threshold`` (concepts) and the
+        current overwrite setting; update the features table. False when nothing could be
+        written (reported)."""
+        try:
+            currents = self._run_currents(run)
+        except _UserError as exc:
+            self._report(f"SAM3: {exc}")
+            return False
+        if currents is None:
+            return False
+        dtype = np.dtype(_unwrap(run.labels).data.dtype)
+        most = sum(
+            len(p.result.candidates if run.kind == "concept" else p.result.instances)
+            for p in run.planes
+        )
+        if dtype.kind in "iu" and run.start_id + most - 1 > np.iinfo(dtype).max:
+            self._report(
+                f"SAM3: labels layer '{run.labels.name}' is {dtype.name}: it cannot hold ids up "
+                f"to {run.start_id + most - 1}; use an int32 labels layer"
+            )
+            self._run = None
+            return False
+        overwrite = self.overwrite_checkbox.isChecked()
+        plane = run.spatial_shape[-2:]
+        next_id = run.start_id
+        outs, tables, floor = [], [], 0.0
+        for p in run.planes:
+            if p.region is None:
+                outs.append(None)
+                continue
+            out = p.base.copy()
+            view = _layers.OffsetView(out, p.region[:2], plane)
+            if run.kind == "concept":
+                floor = max(floor, p.result.min_score)
+                t = max(float(threshold), p.result.min_score)
+                p.result.relabel(t, out=view, overwrite=overwrite, start_id=next_id)
+            else:
+                p.result.labels(view, overwrite=overwrite, start_id=next_id)
+            if p.result.painted.ids:
+                next_id = int(p.result.painted.ids[-1]) + 1
+            tables.append(_feature_rows(run, p))
+            outs.append(out)
+        undoable = self._write_planes(run, currents, outs)
+        _set_features(run.labels, run.base_features, tables)
+        ids = [int(i) for t in tables for i in t["index"]]
+        run.threshold = threshold
+        run.count = len(ids)
+        run.ids = (min(ids), max(ids)) if ids else None
+        if ids:
+            self._max_written = max(self._max_written, max(ids))
+            if (
+                run.ids[0] <= self.object_id <= run.ids[1]
+                and self.object_id not in self._prompt_ids_in_layers()
+            ):
+                self.object_id = run.ids[1] + 1
+        what = (
+            f"{run.source[0].upper()}{run.source[1:]}"
+            if run.kind == "concept"
+            else "Segment everything"
+        )
+        span = f" (ids {run.ids[0]}-{run.ids[1]})" if run.ids else ""
+        where = f" on {len(run.planes)} slices" if len(run.planes) > 1 else ""
+        above = ""
+        if run.kind == "concept":
+            above = f" above {max(float(threshold), floor):.3f}"
+            if float(threshold) < floor:
+                above += f" (all kept at detection; Find concept again to go below {floor:g})"
+        note = "" if undoable else "; too large for undo: use Clear last result"
+        self._set_status(
+            f"{what}: {run.count} instance(s){above}{where} in '{run.labels.name}'{span}{note}"
+        )
+        return True
+
+    def apply_threshold(self, threshold: float | None = None) -> bool:
+        """Re-filter the last concept result at ``threshold`` (default: the spin box's; a
+        value given here is shown there) and rewrite it; no model call."""
+        self._threshold_timer.stop()
+        if threshold is not None:
+            self._set_threshold_controls(float(threshold))
+        run = self._run
+        if run is None or run.kind != "concept":
+            self._set_status(f"Threshold {self.threshold:.3f}: used by the next Find concept")
+            return False
+        return self._write_run(run, self.threshold)
+
+    def _set_threshold_controls(self, value: float) -> None:
+        for w in (self.threshold_spin, self.threshold_slider):
+            w.blockSignals(True)
+        try:
+            self.threshold_spin.setValue(value)
+            self.threshold_slider.setValue(round(self.threshold_spin.value() * 1000))
+        finally:
+            for w in (self.threshold_spin, self.threshold_slider):
+                w.blockSignals(False)
+
+    @_guarded
+    def _on_threshold_slider(self, value: int) -> None:
+        self.threshold_spin.setValue(value / 1000.0)  # -> _on_threshold_changed
+
+    @_guarded
+    def _on_threshold_changed(self, value: float) -> None:
+        self.threshold_slider.blockSignals(True)
+        try:
+            self.threshold_slider.setValue(round(float(value) * 1000))
+        finally:
+            self.threshold_slider.blockSignals(False)
+        if self._run is not None and self._run.kind == "concept":
+            self._threshold_timer.start()
+        else:
+            self._set_status(f"Threshold {float(value):.3f}: used by the next Find concept")
+
+    @_guarded
+    def _on_threshold_timeout(self) -> None:
+        self.apply_threshold()
+
+    def clear_last_result(self) -> bool:
+        """Restore the labels (and features) the last concept / everything result was
+        written over, if they were not edited since."""
+        run = self._run
+        if run is None:
+            self._set_status("No result to clear")
+            return False
+        if self.task is not None:
+            self._report("SAM3: a job is running: wait for it or cancel it")
+            return False
+        try:
+            currents = self._run_currents(run)
+        except _UserError as exc:
+            self._report(f"SAM3: {exc}")
+            return False
+        if currents is None:
+            return False
+        outs = [None if p.region is None else p.base for p in run.planes]
+        self._write_planes(run, currents, outs)
+        run.labels.features = run.base_features
+        self._run = None
+        self._set_status(f"Cleared the last result ({run.count} instance(s) removed)")
+        return True
+
+    @_guarded
+    def _on_clear_result_clicked(self, *_) -> None:
+        self.clear_last_result()
+
+
+# -- features of concept / everything results ---------------------------------------------------
+def _set_feature_default(layer, name: str, value) -> None:
+    """Set one feature default of a layer, keeping the other columns' defaults."""
+    current = layer.feature_defaults
+    defaults = {k: current[k].iloc[0] for k in current.columns} if len(current) else {}
+    defaults[name] = value
+    layer.feature_defaults = defaults
+
+
+def _base_features(labels):
+    """The layer's features as a DataFrame with an ``index`` column (label id per row)."""
+    import pandas as pd
+
+    base = pd.DataFrame(labels.features).copy()
+    if len(base) and "index" not in base.columns:
+        base.insert(0, "index", np.arange(len(base)))  # napari's default: row k is label k
+    return base
+
+
+def _feature_rows(run: _InstanceRun, plane: _RunPlane):
+    """The features of one plane's written instances (index, score, area, ..., source,
+    slice)."""
+    import pandas as pd
+
+    table = pd.DataFrame(plane.result.features)
+    table["source"] = run.source
+    if run.n_lead == 1:
+        table["slice"] = int(plane.lead[0])
+    else:
+        for a, v in enumerate(plane.lead):
+            table[f"axis_{a}"] = int(v)
+    return table
+
+
+def _set_features(labels, base, tables) -> None:
+    """The labels layer's features: the rows it had (but for reused ids), then ``tables``."""
+    import pandas as pd
+
+    new = [t for t in tables if len(t)]
+    frames = []
+    new_ids = set()
+    for t in new:
+        new_ids.update(int(i) for i in t["index"])
+    if len(base):
+        frames.append(base[~base["index"].isin(new_ids)] if new_ids else base)
+    frames += new
+    labels.features = pd.concat(frames, ignore_index=True) if frames else base

@@ -146,6 +146,7 @@ class Propagator:
             inference_device=self.seg.device, dtype=self.seg.dtype,
             max_vision_features_cache_size=1)
         session.processed_frames = _FrameCount(len(frames))
+        self.last_session = session  # for inspection (tests, benchmarks)
         session.video_height, session.video_width = padded_shape
         protected = {k + d for k in prompted for d in range(-self.window, self.window + 1)}
 
