@@ -345,10 +345,10 @@ def test_exemplar_layer_polarity_key_and_exemplar_only_concept(
 
     # a larger image in tiles of 112 px (the tiny model's input) overlapping by 28 px, whose
     # labels layer is a Zarr array (as for a large image)
-    import napari_sam3._widget as widget_module
+    from napari_sam3 import _widget_layers
     from napari_sam3.concept import ConceptSegmenter
 
-    monkeypatch.setattr(widget_module, "LARGE_PIXELS", 20_000)
+    monkeypatch.setattr(_widget_layers, "LARGE_PIXELS", 20_000)
     big = np.tile(gray_image, (3, 2))[:200, :230]
     add_image(viewer, widget, qtbot, big, name="big")
     widget.exemplars_combo.setCurrentIndex(0)  # "(none)": text only
@@ -441,9 +441,9 @@ def test_segment_everything_and_whole_stack_scope(
     assert len(concept_rows) == len(set(np.unique(expected)) - set(np.unique(everything)))
     # the threshold re-filters every slice; ids stay unique across slices. A write larger than
     # UNDO_PIXELS goes region by region, without undo
-    import napari_sam3._widget as widget_module
+    from napari_sam3 import _widget_results
 
-    monkeypatch.setattr(widget_module, "UNDO_PIXELS", 10)
+    monkeypatch.setattr(_widget_results, "UNDO_PIXELS", 10)
     set_threshold(widget, qtbot, 0.25)
     assert "too large for undo" in widget.status
     again = reference.segment_concept(stack, "nucleus", threshold=0.25, out=everything.copy(),

@@ -430,7 +430,7 @@ def test_large_zarr_multiscale_image_tiles_precompute_and_zarr_labels(
 ):
     import zarr
 
-    from napari_sam3 import _widget
+    from napari_sam3 import _widget_layers
 
     rng = np.random.default_rng(5)
     centers = [(r, c, 150) for r in range(40, 400, 70) for c in range(40, 600, 80)]
@@ -532,7 +532,7 @@ def test_large_zarr_multiscale_image_tiles_precompute_and_zarr_labels(
     assert f"Precomputed 35 tiles ({35 - cached} encoded" in widget.status
 
     # above LARGE_PIXELS the labels layer the widget creates is Zarr; commit is undoable
-    monkeypatch.setattr(_widget, "LARGE_PIXELS", 100_000)
+    monkeypatch.setattr(_widget_layers, "LARGE_PIXELS", 100_000)
     small = pixels[:300, :500].copy()
     cam.zoom = 1.0
     add(viewer, widget, qtbot, small, name="big", contrast_limits=LIMITS)
