@@ -163,7 +163,7 @@ def test_labels_zarr_layout_is_io_layout(tmp_path):
         labels = np.zeros(shape, np.int32)
         labels[(0,) * len(shape)] = 3
         io.write_labels_zarr(a, labels, overwrite=True)
-        cli._create_labels_zarr(b, shape, "lab")[(0,) * len(shape)] = 3
+        io.create_labels_zarr(b, shape, name="lab", overwrite=True)[(0,) * len(shape)] = 3
         for meta in ["zarr.json", "0/zarr.json"]:
             assert json.loads((a / meta).read_text()) == json.loads((b / meta).read_text())
         np.testing.assert_array_equal(io.read_labels(b), labels)

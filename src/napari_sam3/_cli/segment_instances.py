@@ -1,0 +1,155 @@
+"""``segment --text/--exemplars`` (SAM3's concept detector) and ``segment --everything``
+(a grid of point prompts): every instance, with its score, tile by tile and slice by
+slice (ids unique across slices)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .cache import optional_cache
+from .errors import reported_as_failed, warn
+from .inputs import Input, resolve_limits
+from .models import load_concept, load_segmenter
+from .output import (
+    check_output,
+    commit,
+    instance_rows,
+    new_labels,
+    plane,
+    refuse_existing,
+    scores_path,
+    staging,
+    write_scores_attrs,
+    write_scores_csv,
+)
+from .prompt_files import load_exemplars
+
+DEFAULT_THRESHOLD = 0.5  # concept.DEFAULT_THRESHOLD (not imported: light)
+CONCEPT_OPTIONS = ("threshold", "concept_model")
+EVERYTHING_OPTIONS = (
+    "points_per_side",
+    "points_per_batch",
+    "pred_iou_thresh",
+    "stability_score_thresh",
+)
+
+
+def segment_instances(args, mode: str, inp: Input) -> int:
+    """``mode`` 'concept' or 'everything': labels and scores of every instance."""
+    boxes, box_labels = None, None
+    if args.exemplars is not None:
+        boxes, box_labels = load_exemplars(args.exemplars, inp)
+    out = check_output(args.out, args.image, args.overwrite)
+    csv_path = scores_path(out, args.image, args.overwrite)
+    cache = optional_cache(args.cache)
+    limits = resolve_limits(inp, args.limits)
+    post = dict(max_hole_area=args.max_hole_area, max_sprinkle_area=args.max_sprinkle_area)
+
+    if mode == "concept":
+        threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+        model = load_concept(args, cache, warn)
+        options = dict(threshold=threshold, min_area=args.min_area or 0, **post)
+        settings = {
+            "text": args.text,
+            "exemplars": boxes,
+            "exemplar_labels": box_labels,
+            "threshold": threshold,
+            "min_area": options["min_area"],
+            **post,
+        }
+        n_steps = None
+
+        def run(image, progress):
+            return model.detect(
+                image,
+                args.text,
+                boxes,
+                exemplar_labels=box_labels,
+                limits=limits,
+                progress=progress,
+                **options,
+            )
+
+        def paint(result, target, start_id):
+            result.relabel(out=target, start_id=start_id)
+    else:
+        from ..everything import SETTINGS, generate_everything
+
+        model = load_segmenter(args, cache, warn)
+        chosen = {
+            name: getattr(args, name)
+            for name in (*EVERYTHING_OPTIONS, "min_area")
+            if getattr(args, name) is not None
+        }
+        everything = replace(SETTINGS, **chosen, **post)
+        settings = dict(everything.__dict__)
+        n_steps = -(-(everything.points_per_side**2) // everything.points_per_batch)
+
+        def run(image, progress):
+            return generate_everything(
+                model, image, settings=everything, limits=limits, progress=progress
+            )
+
+        def paint(result, target, start_id):
+            result.labels(target, start_id=start_id)
+
+    n_tiles = len(model.tiles(inp.frames[0] if inp.is_stack else inp.plane))
+    rows: list[dict] = []
+    labelled = 0
+    with reported_as_failed("segmentation"), staging(out) as staged:
+        labels = new_labels(staged, inp.labels_shape)
+        next_id = 1
+        for k in range(inp.depth):
+            where = f"slice {k} ({k + 1}/{inp.depth}) " if inp.is_stack else ""
+            image = inp.frames[k] if inp.is_stack else inp.plane
+            result = run(image, _tile_progress(where, n_tiles, n_steps))
+            target = plane(labels, k) if inp.is_stack else labels
+            paint(result, target, next_id)  # ids continue from the slices before
+            found = instance_rows(result.features, k if inp.is_stack else None)
+            rows += found
+            labelled += bool(found)
+            if found:
+                next_id = found[-1]["id"] + 1
+            if inp.is_stack:
+                print(f"slice {k} segmented: {_count(len(found), 'instance')}", flush=True)
+        if csv_path is None:
+            write_scores_attrs(staged, mode, settings, rows)
+        else:
+            from .. import io
+
+            io.write_labels(staged, labels)
+            staged_csv = staged.parent / csv_path.name
+            write_scores_csv(staged_csv, rows)
+            refuse_existing(out, args.overwrite)
+            commit(staged_csv, csv_path, args.overwrite)  # then OUT: both or neither
+        commit(staged, out, args.overwrite)
+
+    if mode == "concept":
+        what = [repr(args.text)] if args.text is not None else []
+        if boxes:
+            what.append(_count(len(boxes), "exemplar box", "exemplar boxes"))
+        found = f"{_count(len(rows), 'instance')} of {' + '.join(what)}"
+        found += f" (score > {threshold:g})"
+    else:
+        found = _count(len(rows), "object")
+    on = f", on {labelled} of {inp.depth} slices" if inp.is_stack else ""
+    scores = csv_path if csv_path is not None else f"{out} attributes (napari_sam3.instances)"
+    print(f"found {found} in a {inp.describe()}{on}; wrote {out}; scores in {scores}")
+    return 0
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _tile_progress(where: str, n_tiles: int, n_steps: int | None):
+    """A progress callback printing "tile i/n done" on images of several tiles."""
+    if n_tiles <= 1:
+        return None
+
+    def report(done: int, total: int) -> None:
+        per_tile = n_steps or 1  # everything reports per batch of points, concept per tile
+        if done % per_tile == 0:
+            print(f"{where}tile {done // per_tile}/{total // per_tile} done", flush=True)
+
+    return report

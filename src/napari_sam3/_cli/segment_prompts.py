@@ -1,0 +1,92 @@
+"""``segment --prompts``: one object per PROMPTS.json entry, on a 2D image, on chosen
+slices of a stack, or tracked through the stack (``--propagate``)."""
+
+from __future__ import annotations
+
+from .cache import optional_cache
+from .errors import CliError, reported_as_failed, warn
+from .inputs import Input, resolve_limits
+from .models import load_segmenter
+from .output import check_output, commit, count_labels, new_labels, plane, staging
+from .prompt_files import by_slice, load_prompts
+
+PROPAGATE_OPTIONS = ("start", "stop", "stop_after", "score_threshold")
+
+
+def segment_prompts(args, inp: Input) -> int:
+    objects = load_prompts(args.prompts, inp)
+    prompts_by_slice = by_slice(objects)
+    if args.propagate:
+        start = 0 if args.start is None else args.start
+        stop = inp.depth if args.stop is None else args.stop
+        if not 0 <= start < stop <= inp.depth:
+            raise CliError(
+                f"--start {start} --stop {stop}: need 0 <= start < stop <= {inp.depth} "
+                f"(the stack has {inp.depth} slices)"
+            )
+        if not any(start <= k < stop for k in prompts_by_slice):
+            raise CliError(
+                f"no prompted slice between --start {start} and --stop {stop} (exclusive); "
+                f"prompted slices: {', '.join(map(str, prompts_by_slice))}"
+            )
+        if inp.frames.rgb and inp.frames.shape[-1] == 2:
+            raise CliError("--propagate does not take 2-channel stacks; use 1, 3 or 4 channels")
+    out = check_output(args.out, args.image, args.overwrite)
+    cache = optional_cache(args.cache)
+    limits = resolve_limits(inp, args.limits)
+
+    segmenter = load_segmenter(args, cache, warn, video=bool(args.propagate))
+    post = dict(max_hole_area=args.max_hole_area, max_sprinkle_area=args.max_sprinkle_area)
+    with reported_as_failed("segmentation"), staging(out) as staged:
+        labels = new_labels(staged, inp.labels_shape)
+        if args.propagate:
+            _propagate(segmenter, inp, prompts_by_slice, labels, limits, args, post)
+        else:
+            for k, objs in prompts_by_slice.items():  # k is None on a 2D image
+                image = inp.frames[k] if inp.is_stack else inp.plane
+                target = plane(labels, k) if inp.is_stack else labels
+                prompts, ids = list(objs.values()), list(objs)
+                segmenter.segment(image, prompts, ids=ids, limits=limits, out=target, **post)
+        counts, labelled = count_labels(labels)
+        if out.suffix.lower() != ".zarr":
+            from .. import io
+
+            io.write_labels(staged, labels)
+        commit(staged, out, args.overwrite)
+
+    ids = sorted({o.id for o in objects})
+    per_id = ", ".join(f"{i}: {counts.get(i, 0)}" for i in ids)
+    n = len(ids)
+    what = f"{n} object{'s' if n != 1 else ''}"
+    if args.propagate:
+        done = f"propagated {what} ({args.propagate}) through a {inp.describe()}"
+        done += f", {labelled} of {inp.depth} slices labelled"
+    elif inp.is_stack:
+        m = len(prompts_by_slice)
+        done = f"segmented {what} on {m} slice{'s' if m != 1 else ''} of a {inp.describe()}"
+    else:
+        done = f"segmented {what} in {inp.describe()}"
+    print(f"{done}; pixels per id {{{per_id}}}; wrote {out}")
+    return 0
+
+
+def _propagate(segmenter, inp: Input, prompts_by_slice, labels, limits, args, post) -> None:
+    """``Sam3Segmenter.iter_propagate`` into ``labels``, with a progress line per slice."""
+    from ..segmenter import write_slice
+
+    results = segmenter.iter_propagate(
+        inp.data,
+        prompts_by_slice,
+        inp.axis,
+        args.propagate,
+        args.start,
+        args.stop,
+        fixed=inp.fixed,
+        limits=limits,
+        score_threshold=0.0 if args.score_threshold is None else args.score_threshold,
+        stop_after=3 if args.stop_after is None else args.stop_after,
+    )
+    for result in results:
+        write_slice(labels, result, **post)
+        ids = ", ".join(map(str, result.ids)) or "none"
+        print(f"slice {result.index} tracked (ids {ids})", flush=True)
