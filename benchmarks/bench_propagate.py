@@ -1,6 +1,6 @@
 """Propagation through a stack: our loop against the bare transformers video loop.
 
-Per-slice cost, measured in one run on the same stack and prompt:
+Per-slice cost, measured in one process, variants interleaved, same stack and prompt:
 
 * ``bare``        transformers' documented loop: ``init_video_session(video=frames)``,
                   ``add_inputs_to_inference_session``, ``model(...)`` on the prompted
@@ -61,65 +61,112 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def run_bare(model_dir: str, stack: np.ndarray, point) -> float:
-    import torch
-    from transformers import Sam3TrackerVideoModel, Sam3TrackerVideoProcessor
+class Bare:
+    """transformers' documented video loop, model and processor loaded once."""
 
-    model = Sam3TrackerVideoModel.from_pretrained(model_dir).eval()
-    proc = Sam3TrackerVideoProcessor.from_pretrained(model_dir)
-    h, w = stack.shape[1:3]
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        session = proc.init_video_session(
-            video=list(stack), inference_device="cpu", dtype=torch.float32
-        )
-        proc.add_inputs_to_inference_session(
-            session,
-            frame_idx=0,
-            obj_ids=[1],
-            input_points=[[[[point[1], point[0]]]]],
-            input_labels=[[[1]]],
-        )
-        model(inference_session=session, frame_idx=0)
-        for out in model.propagate_in_video_iterator(session, start_frame_idx=0):
-            proc.post_process_masks([out.pred_masks], [[h, w]], binarize=False)
-    return time.perf_counter() - t0
+    def __init__(self, model_dir: str):
+        from transformers import Sam3TrackerVideoModel, Sam3TrackerVideoProcessor
+
+        self.model = Sam3TrackerVideoModel.from_pretrained(model_dir).eval()
+        self.proc = Sam3TrackerVideoProcessor.from_pretrained(model_dir)
+
+    def __call__(self, stack: np.ndarray, point) -> None:
+        import torch
+
+        h, w = stack.shape[1:3]
+        with torch.inference_mode():
+            session = self.proc.init_video_session(video=list(stack), inference_device="cpu",
+                                                   dtype=torch.float32)
+            self.proc.add_inputs_to_inference_session(
+                session, frame_idx=0, obj_ids=[1], input_points=[[[[point[1], point[0]]]]],
+                input_labels=[[[1]]])
+            self.model(inference_session=session, frame_idx=0)
+            for out in self.model.propagate_in_video_iterator(session, start_frame_idx=0):
+                self.proc.post_process_masks([out.pred_masks], [[h, w]], binarize=False)
 
 
-def run_ours(model_dir: str, stack: np.ndarray, point, repeat: bool):
-    from napari_sam3 import ObjectPrompt, Sam3Segmenter
+class Ours:
+    """``Sam3Segmenter.iter_propagate``; ``cold`` empties the embedding memory first."""
 
-    seg = Sam3Segmenter.from_pretrained(model_dir, device="cpu", tile_size=4096)
-    seg.video_tracker()  # load outside the timing, as the bare loop does
-    prompts = {0: [ObjectPrompt(points=[point])]}
-    times = []
-    for _ in range(2 if repeat else 1):
-        t0 = time.perf_counter()
-        for _ in seg.iter_propagate(stack, prompts, direction="forward", stop_after=10**9):
+    def __init__(self, model_dir: str, cache_bytes: int = 2 << 30):
+        from napari_sam3 import Sam3Segmenter
+
+        self.seg = Sam3Segmenter.from_pretrained(model_dir, device="cpu", tile_size=4096,
+                                                 cache_bytes=cache_bytes)
+        self.engine = self.seg.video_tracker()  # loaded outside the timing, as Bare's model
+
+    def __call__(self, stack: np.ndarray, point, cold: bool) -> None:
+        from napari_sam3 import ObjectPrompt
+
+        if cold:
+            self.seg.memory.clear()
+        for _ in self.seg.iter_propagate(stack, {0: [ObjectPrompt(points=[point])]},
+                                         direction="forward", stop_after=10 ** 9):
             pass
-        times.append(time.perf_counter() - t0)
-    return times
+
+
+def session_bytes(engine) -> int:
+    """Bytes of tensors the last propagation session still holds (per-slice memories)."""
+    import torch
+
+    total, seen = 0, set()
+
+    def walk(obj):
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            if obj.data_ptr() not in seen:
+                seen.add(obj.data_ptr())
+                total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list | tuple):
+            for v in obj:
+                walk(v)
+
+    walk(engine.last_session.output_dict_per_obj)
+    return total
+
+
+def timing(model_dir: str, depth: int, side: int, repeats: int) -> dict:
+    stack = make_stack(depth, side)
+    point = (side // 2, side // 4)
+    bare, ours = Bare(model_dir), Ours(model_dir)
+    bare(stack[:8], point)  # warm-up of both paths
+    ours(stack[:8], point, cold=True)
+    times: dict[str, list[float]] = {"bare": [], "cold": [], "cached": []}
+    for _ in range(repeats):  # interleaved
+        for name, run in (("bare", lambda: bare(stack, point)),
+                          ("cold", lambda: ours(stack, point, cold=True)),
+                          ("cached", lambda: ours(stack, point, cold=False))):
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return {k: 1000 * float(np.median(v)) / depth for k, v in times.items()}
 
 
 def child(args) -> None:
-    """One measurement in a fresh process: prints a JSON line."""
+    """One memory measurement in a fresh process: prints a JSON line."""
+    import resource
+
     import torch  # noqa: F401  - imports are not part of the growth
     import transformers  # noqa: F401
-    from transformers import Sam3TrackerVideoModel  # noqa: F401
 
     import napari_sam3.segmenter  # noqa: F401
 
     stack = make_stack(args.depth, args.side)
     point = (args.side // 2, args.side // 4)
-    base = rss_mb()  # after imports and the stack itself: growth = model + inference
     if args.child == "bare":
-        t = run_bare(args.model, stack, point)
-        res = {"seconds": t}
+        run = Bare(args.model)
+        base = rss_mb()  # after imports, the stack and the model: growth = inference
+        run(stack, point)
+        res = {}
     else:
-        t = run_ours(args.model, stack, point, repeat=args.child == "ours-timing")
-        res = {"seconds": t[0], "cached_seconds": t[-1]}
-    import resource
-
+        run = Ours(args.model, cache_bytes=64 << 20)
+        base = rss_mb()
+        run(stack, point, cold=True)
+        res = {"session_mb": session_bytes(run.engine) / 2**20,
+               "embedding_lru_mb": run.seg.memory.nbytes / 2**20}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res.update(depth=args.depth, peak_growth_mb=peak - base)
     print(json.dumps(res))
@@ -165,37 +212,27 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory() as d:
         model = str(save_random_video_tracker(Path(d) / "video"))
-        rows = []
-        for _ in range(args.repeats):  # interleaved: bare, ours, bare, ours...
-            b = spawn("bare", model, args.timing_depth, args.side)
-            o = spawn("ours-timing", model, args.timing_depth, args.side)
-            rows.append((b["seconds"], o["seconds"], o["cached_seconds"]))
-        bare, cold, warm = (float(np.median([r[i] for r in rows])) for i in range(3))
+        ms = timing(model, args.timing_depth, args.side, args.repeats)
         n = args.timing_depth
-        print(
-            f"per slice, tiny model, {n} slices of {args.side}x{args.side}, median of "
-            f"{args.repeats} runs"
-        )
-        print(f"  bare transformers loop  {1000 * bare / n:7.2f} ms")
-        print(f"  ours, nothing cached    {1000 * cold / n:7.2f} ms   ratio {cold / bare:.2f}")
-        print(f"  ours, slices cached     {1000 * warm / n:7.2f} ms   ratio {warm / bare:.2f}")
-        results["per_slice_ms"] = {
-            "bare": 1000 * bare / n,
-            "ours_cold": 1000 * cold / n,
-            "ours_cached": 1000 * warm / n,
-            "ratio_cold": cold / bare,
-            "ratio_cached": warm / bare,
-        }
-        print("\npeak RSS growth (MB) over the loaded model, by stack depth")
-        print(f"{'depth':>6} {'bare':>8} {'ours':>8}")
+        print(f"per slice, tiny model, {n} slices of {args.side}x{args.side}, medians of "
+              f"{args.repeats} interleaved runs in one process")
+        print(f"  bare transformers loop  {ms['bare']:7.2f} ms")
+        print(f"  ours, nothing cached    {ms['cold']:7.2f} ms   ratio {ms['cold'] / ms['bare']:.2f}")
+        print(f"  ours, slices cached     {ms['cached']:7.2f} ms   "
+              f"ratio {ms['cached'] / ms['bare']:.2f}")
+        results["per_slice_ms"] = ms
+        print("\npeak RSS growth (MB) during propagation, by stack depth (ours: embedding "
+              "LRU capped at 64 MB)")
+        print(f"{'depth':>6} {'bare':>8} {'ours':>8} {'ours session':>13} {'ours LRU':>9}")
         mem = []
         for depth in args.depths:
             b = spawn("bare", model, depth, args.side)
             o = spawn("ours", model, depth, args.side)
-            mem.append(
-                {"depth": depth, "bare_mb": b["peak_growth_mb"], "ours_mb": o["peak_growth_mb"]}
-            )
-            print(f"{depth:6d} {b['peak_growth_mb']:8.0f} {o['peak_growth_mb']:8.0f}")
+            mem.append({"depth": depth, "bare_mb": b["peak_growth_mb"],
+                        "ours_mb": o["peak_growth_mb"], "ours_session_mb": o["session_mb"],
+                        "ours_lru_mb": o["embedding_lru_mb"]})
+            print(f"{depth:6d} {b['peak_growth_mb']:8.0f} {o['peak_growth_mb']:8.0f} "
+                  f"{o['session_mb']:13.2f} {o['embedding_lru_mb']:9.1f}")
         results["memory"] = mem
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
