@@ -20,6 +20,30 @@ from .prompts import ObjectPrompt, PromptError, box_to_xyxy, rowcol_to_xy
 from .tiling import Tile
 
 DIRECTIONS = ("forward", "backward", "both")
+TRIM_EVERY = 32  # slices between returns of freed heap memory to the system
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc only; elsewhere a no-op).
+
+    Per-slice tensors and arrays of varying sizes fragment glibc's heap, so a long
+    propagation's resident memory would creep up with depth although what it keeps
+    is bounded; trimming now and then keeps the resident size bounded too.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 @dataclass
@@ -188,6 +212,8 @@ class Propagator:
                     gone[i] = gone.get(i, 0) + 1 if s < score_threshold else 0
                 yield self._result(k, out, ids, scores, tile, padded_shape, gone, stop_after)
                 prune(k, reverse)
+                if k % TRIM_EVERY == 0:
+                    _trim_heap()
                 if k not in prompted and all(gone.get(i, 0) >= stop_after for i in ids):
                     break
 
