@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gui import Notes, unwrap
 
 from napari_sam3 import ObjectPrompt, PromptError, _layers
 from napari_sam3.postprocess import PostProcessing
@@ -135,24 +136,6 @@ def gray_image():
     return img.astype(np.float32)
 
 
-class Notes:
-    """New napari notifications since creation (the real notification manager)."""
-
-    def __init__(self):
-        from napari.utils.notifications import notification_manager
-
-        self._manager = notification_manager
-        self._start = len(notification_manager.records)
-
-    def since(self, severity: str | None = None) -> list[str]:
-        recs = self._manager.records[self._start :]
-        return [
-            str(r.message) for r in recs if severity is None or str(r.severity).lower() == severity
-        ]
-
-    def reset(self):
-        self._start = len(self._manager.records)
-
 
 @pytest.fixture
 def docked(make_napari_viewer, qtbot):
@@ -188,9 +171,6 @@ def add_image(viewer, widget, qtbot, img, **kwargs):
     return layer
 
 
-def unwrap(layer):
-    """The widget sees napari's PublicOnlyProxy of each layer; tests use the real layer."""
-    return getattr(layer, "__wrapped__", layer)
 
 
 def wait_idle(widget, qtbot):

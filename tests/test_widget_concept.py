@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gui import Notes, unwrap
 
 from napari_sam3 import PromptError, _layers
 from napari_sam3.instances import Instance, paint_labels
@@ -109,24 +110,6 @@ def gray_image():
     return blobs()
 
 
-class Notes:
-    """New napari notifications since creation (the real notification manager)."""
-
-    def __init__(self):
-        from napari.utils.notifications import notification_manager
-
-        self._manager = notification_manager
-        self._start = len(notification_manager.records)
-
-    def since(self, severity: str | None = None) -> list[str]:
-        recs = self._manager.records[self._start :]
-        return [
-            str(r.message) for r in recs if severity is None or str(r.severity).lower() == severity
-        ]
-
-    def reset(self):
-        self._start = len(self._manager.records)
-
 
 @pytest.fixture
 def docked(make_napari_viewer, qtbot):
@@ -136,8 +119,6 @@ def docked(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
 
 
-def unwrap(layer):
-    return getattr(layer, "__wrapped__", layer)
 
 
 def wait_idle(widget, qtbot):

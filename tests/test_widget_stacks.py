@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gui import Notes, unwrap
 
 from napari_sam3 import ObjectPrompt
 
@@ -47,24 +48,7 @@ def zstack():
 
 
 # -- helpers -----------------------------------------------------------------------------------
-class Notes:
-    """New napari notifications since creation."""
 
-    def __init__(self):
-        from napari.utils.notifications import notification_manager
-
-        self._manager = notification_manager
-        self._start = len(notification_manager.records)
-
-    def since(self, severity: str | None = None) -> list[str]:
-        recs = self._manager.records[self._start :]
-        return [
-            str(r.message) for r in recs if severity is None or str(r.severity).lower() == severity
-        ]
-
-
-def unwrap(layer):
-    return getattr(layer, "__wrapped__", layer)
 
 
 def wait_idle(widget, qtbot):
