@@ -28,18 +28,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_name, rss_mb
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class PeakRSS:
@@ -67,19 +60,8 @@ def machine() -> str:
     import torch
     import transformers
 
-    cpu = "unknown CPU"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo")
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}"
-    )
+    return (f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}; "
+            f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 
 def warm_vs_cold(model_dir: str, tile: int, label: str, tmp: Path, repeats: int) -> dict:

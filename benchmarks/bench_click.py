@@ -39,12 +39,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import inspect
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -53,6 +51,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from _machine import cpu_snapshot, loadavg, machine_info, other_load
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -63,45 +62,6 @@ FULL_FEATURE_SHAPES = [(1, 32, 288, 288), (1, 64, 144, 144), (1, 256, 72, 72)]
 
 
 # -- machine ---------------------------------------------------------------------------------
-def machine_info() -> dict:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "date": datetime.date.today().isoformat(),
-        "loadavg_start": loadavg(),
-    }
-
-
-def loadavg() -> str:
-    """1-minute load average: above ~0.5 on 2 cores, other processes share the CPU."""
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[0]
-    except OSError:
-        return "n/a"
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -113,27 +73,6 @@ MAX_OTHER = 0.15
 WINDOW_S = 0.25  # short enough to dodge bursts, long enough for /proc/stat's 10 ms ticks
 DISCARD_CAP = 3
 CONTENTION = {"discarded_windows": 0, "kept_windows": 0, "contended": False}
-
-
-def _cpu_snapshot():
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(v) - v[3] - v[4]  # minus idle and iowait
-    return busy, time.process_time(), time.perf_counter()
-
-
-def _other_load(before) -> float:
-    """Share of all cores that other processes used since ``before`` (0 when unknown)."""
-    after = _cpu_snapshot()
-    if before is None or after is None:
-        return 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    busy = (after[0] - before[0]) / tick
-    mine = after[1] - before[1]
-    return max(0.0, busy - mine) / ((after[2] - before[2]) * (os.cpu_count() or 1))
 
 
 def interleaved(
@@ -155,7 +94,7 @@ def interleaved(
     times: dict[str, list[float]] = {n: [] for n in names}
     kept = discarded = 0
     while kept < repeats:
-        snap = _cpu_snapshot()
+        snap = cpu_snapshot()
         window: dict[str, list[float]] = {n: [] for n in names}
         rounds = min(per_window, repeats - kept)
         for _ in range(rounds):
@@ -164,7 +103,7 @@ def interleaved(
                 t = time.perf_counter()
                 variants[name]()
                 window[name].append((time.perf_counter() - t) * 1e3)
-        if _other_load(snap) > MAX_OTHER:
+        if other_load(snap) > MAX_OTHER:
             if discarded < DISCARD_CAP * repeats:
                 discarded += 1
                 CONTENTION["discarded_windows"] += 1

@@ -82,11 +82,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -96,6 +94,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_snapshot, loadavg, machine_info, other_load
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -114,39 +113,6 @@ FULL_FEATURE_SHAPES = [(1, 32, 288, 288), (1, 64, 144, 144), (1, 256, 72, 72)]
 
 
 # -- machine ---------------------------------------------------------------------------------
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[0]
-    except OSError:
-        return "n/a"
-
-
-def machine_info() -> dict:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "date": datetime.date.today().isoformat(),
-        "loadavg_start": loadavg(),
-    }
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -166,25 +132,6 @@ def allowed_other() -> float:
 
     cores = os.cpu_count() or 1
     return MAX_OTHER + max(0, cores - torch.get_num_threads()) / cores
-
-
-def _cpu_snapshot():
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return sum(v) - v[3] - v[4], time.process_time(), time.perf_counter()
-
-
-def _other_load(before) -> float:
-    """Share of all cores that other processes used since ``before`` (0 when unknown)."""
-    after = _cpu_snapshot()
-    if before is None or after is None:
-        return 0.0
-    busy = (after[0] - before[0]) / os.sysconf("SC_CLK_TCK")
-    mine = after[1] - before[1]
-    return max(0.0, busy - mine) / ((after[2] - before[2]) * (os.cpu_count() or 1))
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
@@ -225,11 +172,11 @@ def _run(variants, names, rounds: int, per_round: float, times, rng) -> None:
             rng.shuffle(names)
             for name in names:
                 while True:
-                    snap = _cpu_snapshot()
+                    snap = cpu_snapshot()
                     t = time.perf_counter()
                     variants[name]()
                     ms = (time.perf_counter() - t) * 1e3
-                    if _other_load(snap) > limit and ms > 100:
+                    if other_load(snap) > limit and ms > 100:
                         if budget > 0:
                             budget -= 1
                             CONTENTION["discarded"] += 1
@@ -242,7 +189,7 @@ def _run(variants, names, rounds: int, per_round: float, times, rng) -> None:
     per_window = max(1, math.ceil(WINDOW_S / max(per_round, 1e-6)))
     kept = 0
     while kept < rounds:
-        snap = _cpu_snapshot()
+        snap = cpu_snapshot()
         window: dict[str, list[float]] = {n: [] for n in names}
         n_rounds = min(per_window, rounds - kept)
         for _ in range(n_rounds):
@@ -251,7 +198,7 @@ def _run(variants, names, rounds: int, per_round: float, times, rng) -> None:
                 t = time.perf_counter()
                 variants[name]()
                 window[name].append((time.perf_counter() - t) * 1e3)
-        if _other_load(snap) > limit:
+        if other_load(snap) > limit:
             if budget > 0:
                 budget -= 1
                 CONTENTION["discarded"] += 1

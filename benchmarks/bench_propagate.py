@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _machine import rss_mb
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -51,14 +52,6 @@ def make_stack(depth: int, side: int) -> np.ndarray:
         img = 40 + 150 * disc + rng.normal(0, 12, disc.shape)
         out[z] = np.clip(img, 0, 255).astype(np.uint8)[..., None]
     return out
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Bare:
