@@ -45,7 +45,7 @@ from .model import DEFAULT_MODEL, ModelLoadError, model_fingerprint, resolve_dev
 from .normalize import image_limits, to_rgb_uint8
 from .postprocess import DEFAULTS as CLEANUP
 from .prompts import PromptError, box_to_xyxy
-from .tiling import TileGrid, pad_to
+from .tiling import TiledModel, TileGrid, pad_to
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_MIN_SCORE = 0.05  # candidates kept for later threshold changes
@@ -197,7 +197,7 @@ class _Prompt:
     labels: np.ndarray  # (N,)
 
 
-class ConceptSegmenter:
+class ConceptSegmenter(TiledModel):
     """SAM3 concept segmentation (text and/or exemplar boxes) with cached ViT features.
 
     Build with :meth:`from_pretrained` or :meth:`for_segmenter`. NumPy in, NumPy out;
@@ -208,18 +208,12 @@ class ConceptSegmenter:
                  fingerprint: dict | None = None, store: EmbeddingStore | None = None,
                  cache_bytes: int = 1 << 30, tile_size: int | None = None,
                  overlap: int | None = None):
-        self.model = model
-        self.processor = processor
-        self.device = device
-        self.model_id = model_id
-        self.fingerprint = fingerprint or {"id": model_id}
-        self.store = store
-        self.memory = MemoryLRU(cache_bytes, lambda t: t.numel() * t.element_size())
+        super().__init__(model, processor, device, model_id=model_id, fingerprint=fingerprint,
+                         store=store,
+                         memory=MemoryLRU(cache_bytes, lambda t: t.numel() * t.element_size()),
+                         tile_size=tile_size, overlap=overlap)
         self._text_cache: dict[str, tuple] = {}
-        self.tile_size = int(tile_size or self.input_size)
-        self.overlap = int(self.tile_size // 4 if overlap is None else overlap)
-        TileGrid((1, 1), self.tile_size, self.overlap)  # validates the settings
-        self.encoder_calls = 0  # ViT trunk runs
+        # encoder_calls counts ViT trunk runs
         self.shares_backbone = False  # True: the ViT is the tracker's (see share_backbone)
         self.decoder_calls = 0  # detector (DETR + mask decoder) runs
 
@@ -249,17 +243,6 @@ class ConceptSegmenter:
                                  tile_size=segmenter.tile_size, overlap=segmenter.overlap)
         cs.shares_backbone = share_backbone(cs.model, segmenter.model)
         return cs
-
-    @property
-    def input_size(self) -> int:
-        return int(self.processor.image_processor.size["height"])
-
-    @property
-    def dtype(self):
-        return self.model.dtype
-
-    def tiles(self, image) -> TileGrid:
-        return TileGrid(image.shape[:2], self.tile_size, self.overlap)
 
     # -- features ---------------------------------------------------------------------------
     def _trunk_key(self, rgb: np.ndarray) -> str:

@@ -18,7 +18,7 @@ from .model import DEFAULT_MODEL, load_tracker, model_fingerprint, resolve_devic
 from .normalize import image_limits, to_rgb_uint8
 from .postprocess import DEFAULTS, paste_objects
 from .prompts import ObjectPrompt, PromptError, box_to_xyxy, rowcol_to_xy
-from .tiling import Tile, TileGrid, pad_to
+from .tiling import Tile, TiledModel, TileGrid, pad_to
 
 _MASK_EPS = 1e-3  # binary mask prompt -> logits of about +-6.9, as micro-sam does
 
@@ -114,7 +114,7 @@ def prompt_bbox(prompt: ObjectPrompt) -> tuple[float, float, float, float]:
     return min(rows), min(cols), max(rows), max(cols)
 
 
-class Sam3Segmenter:
+class Sam3Segmenter(TiledModel):
     """SAM3 point/box/mask segmentation with cached image embeddings.
 
     Build with :meth:`from_pretrained`. Coordinates are NumPy/napari (row, col).
@@ -126,17 +126,9 @@ class Sam3Segmenter:
                  model_id: str = "", store: EmbeddingStore | None = None,
                  tile_size: int | None = None, overlap: int | None = None,
                  fingerprint: dict | None = None):
-        self.model = model
-        self.processor = processor
-        self.device = device
-        self.model_id = model_id
-        self.fingerprint = fingerprint or {"id": model_id}
-        self.memory = MemoryLRU(cache_bytes, lambda e: e.nbytes)
-        self.store = store
-        self.tile_size = int(tile_size or self.input_size)
-        self.overlap = int(self.tile_size // 4 if overlap is None else overlap)
-        TileGrid((1, 1), self.tile_size, self.overlap)  # validates the settings
-        self.encoder_calls = 0
+        super().__init__(model, processor, device, model_id=model_id, fingerprint=fingerprint,
+                         store=store, memory=MemoryLRU(cache_bytes, lambda e: e.nbytes),
+                         tile_size=tile_size, overlap=overlap)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "auto", dtype=None, *,
@@ -159,19 +151,6 @@ class Sam3Segmenter:
                    fingerprint=model_fingerprint(str(model), net))
 
     # -- encoding ---------------------------------------------------------------------------
-    @property
-    def input_size(self) -> int:
-        """Side of the square model input (1008 for SAM3)."""
-        return int(self.processor.image_processor.size["height"])
-
-    @property
-    def dtype(self):
-        return self.model.dtype
-
-    def tiles(self, image) -> TileGrid:
-        """The tile grid used for ``image`` (one tile when it fits in ``tile_size``)."""
-        return TileGrid(image.shape[:2], self.tile_size, self.overlap)
-
     def resolve_limits(self, image, limits=None):
         """The intensity limits used for every tile of ``image`` (see ``normalize``).
 

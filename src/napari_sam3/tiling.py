@@ -131,3 +131,36 @@ def pad_to(rgb: np.ndarray, shape) -> np.ndarray:
     out = np.zeros((shape[0], shape[1]) + rgb.shape[2:], dtype=rgb.dtype)
     out[:h, :w] = rgb
     return out
+
+
+class TiledModel:
+    """What every SAM3 wrapper shares: the model and processor, device, identity for the
+    cache, an in-memory LRU and the tiling settings (default: the model's input size and
+    a quarter of it as overlap)."""
+
+    def __init__(self, model, processor, device: str, *, model_id: str, fingerprint,
+                 store, memory, tile_size: int | None, overlap: int | None):
+        self.model = model
+        self.processor = processor
+        self.device = device
+        self.model_id = model_id
+        self.fingerprint = fingerprint or {"id": model_id}
+        self.store = store
+        self.memory = memory
+        self.tile_size = int(tile_size or self.input_size)
+        self.overlap = int(self.tile_size // 4 if overlap is None else overlap)
+        TileGrid((1, 1), self.tile_size, self.overlap)  # validates the settings
+        self.encoder_calls = 0
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square model input (1008 for SAM3)."""
+        return int(self.processor.image_processor.size["height"])
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    def tiles(self, image) -> TileGrid:
+        """The tile grid used for ``image`` (one tile when it fits in ``tile_size``)."""
+        return TileGrid(image.shape[:2], self.tile_size, self.overlap)
