@@ -44,6 +44,16 @@ def image_shape_2d(shape: Sequence[int], rgb: bool, name: str = "image") -> tupl
     return spatial[0], spatial[1]
 
 
+def flip_polarity(features, n: int, selected) -> object:
+    """A copy of a feature table with the ``positive`` flag of rows ``selected`` flipped."""
+    pos = np.array(feature_column(features, "positive", n, True), bool)
+    rows = sorted(selected)
+    pos[rows] = ~pos[rows]
+    out = features.copy()
+    out["positive"] = pos
+    return out
+
+
 def feature_column(features, name: str, n: int, default) -> np.ndarray:
     """Column ``name`` of a feature table (DataFrame or dict) as an array of length n.
 

@@ -6,7 +6,7 @@ import numpy as np
 from napari.layers import Shapes
 
 from . import _layers
-from ._widget_errors import _guarded, _qt_deleted, _user_message, _UserError
+from ._widget_errors import _guarded, _UserError
 from ._widget_layers import EXEMPLARS_NAME, _Source
 from ._widget_prompts import _UNFINISHED
 
@@ -111,14 +111,10 @@ class _ExemplarsMixin:
             )
         self._non_rect_exemplars = count
 
+    @_guarded
     def _on_exemplar_t_key(self, layer=None) -> None:
-        if self._closed or _qt_deleted(self):
-            self._detach()
-            return
-        try:
-            self.toggle_exemplar_polarity()
-        except Exception as exc:  # noqa: BLE001 - called from napari's key handler
-            self._report(f"SAM3: {_user_message(exc)}")
+        """Key ``t`` on the layer (napari's key handler)."""
+        self.toggle_exemplar_polarity()
 
     def toggle_exemplar_polarity(self) -> bool:
         """Flip the polarity of new exemplars and of the selected ones; returns the new one."""
@@ -133,12 +129,7 @@ class _ExemplarsMixin:
         _set_feature_default(layer, "positive", bool(checked))
         selected = sorted(i for i in layer.selected_data if i < len(layer.data))
         if selected:
-            n = len(layer.data)
-            pos = np.array(_layers.feature_column(layer.features, "positive", n, True), bool)
-            pos[selected] = ~pos[selected]
-            feats = layer.features.copy()
-            feats["positive"] = pos
-            layer.features = feats
+            layer.features = _layers.flip_polarity(layer.features, len(layer.data), selected)
             self._recolor_exemplars(layer)
         self._set_status(
             f"New exemplars are {'positive' if checked else 'negative'}"

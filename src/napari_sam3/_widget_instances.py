@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import _layers
 from ._widget_errors import _guarded, _UserError
 from ._widget_jobs import _concept_job, _everything_job, _Task
-from ._widget_layers import EXEMPLARS_NAME, _Source, _unwrap
+from ._widget_layers import EXEMPLARS_NAME, _Source
 from .prompts import PromptError
 
 INSTANCE_SCOPES = ("current slice", "whole stack")
@@ -43,19 +43,6 @@ class _InstancesMixin:
             return [view.lead(k) for k in range(view.shape[0])], axis
         return [self.current_slice(src)], 0
 
-    def _instances_checks(self):
-        src = self._task_checks()
-        labels = self.labels_layer
-        if labels is None:
-            raise _UserError("no labels layer to write into: choose one in the widget")
-        data = _unwrap(labels).data
-        if tuple(data.shape) != src.spatial_shape:
-            raise _UserError(
-                f"labels layer '{labels.name}' has shape {tuple(data.shape)}, "
-                f"the image is {src.spatial_shape}"
-            )
-        return src, labels
-
     def find_concept(self, scope: str | None = None) -> bool:
         """Find every instance of the concept (text and/or exemplars) in a worker and write
         them into the labels layer, one id each (see the module docstring).
@@ -66,7 +53,7 @@ class _InstancesMixin:
         """
         scope = scope or self.scope_combo.currentText()
         try:
-            src, labels = self._instances_checks()
+            src, labels = self._writing_task_checks()
             text = self.concept_text_edit.text().strip() or None
             leads, axis = self._scope_leads(src, scope)
             by_slice, ignored = self._exemplar_prompts(src)
@@ -136,7 +123,7 @@ class _InstancesMixin:
         parameters and write them into the labels layer, one id each."""
         scope = scope or self.scope_combo.currentText()
         try:
-            src, labels = self._instances_checks()
+            src, labels = self._writing_task_checks()
             leads, _ = self._scope_leads(src, scope)
             settings = self.everything_settings()
         except (_UserError, _layers.LayerError, PromptError, ValueError) as exc:

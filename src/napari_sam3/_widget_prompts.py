@@ -6,7 +6,7 @@ import numpy as np
 from napari.layers import Points
 
 from . import _layers
-from ._widget_errors import _guarded, _qt_deleted, _user_message, _UserError
+from ._widget_errors import _guarded, _UserError
 from ._widget_layers import _Source, _unwrap
 
 # napari data-event actions sent before a change is made (the "...ed" one follows it)
@@ -106,14 +106,10 @@ class _PromptsMixin:
     def _on_axis_changed(self, event=None) -> None:
         self._update_axis_info()
 
+    @_guarded
     def _on_t_key(self, layer=None) -> None:
-        if self._closed or _qt_deleted(self):
-            self._detach()
-            return
-        try:
-            self.toggle_polarity()
-        except Exception as exc:  # noqa: BLE001 - called from napari's key handler
-            self._report(f"SAM3: {_user_message(exc)}")
+        """Key ``t`` on the layer (napari's key handler)."""
+        self.toggle_polarity()
 
     def toggle_polarity(self) -> bool:
         """Flip the polarity of new points and of the selected points; returns the new one."""
@@ -128,12 +124,7 @@ class _PromptsMixin:
         self._update_point_defaults(layer)
         selected = sorted(i for i in layer.selected_data if i < len(layer.data))
         if selected:
-            n = len(layer.data)
-            pos = np.array(_layers.feature_column(layer.features, "positive", n, True), bool)
-            pos[selected] = ~pos[selected]
-            feats = layer.features.copy()
-            feats["positive"] = pos
-            layer.features = feats
+            layer.features = _layers.flip_polarity(layer.features, len(layer.data), selected)
             self._recolor(layer)
             self._schedule()
         self._set_status(

@@ -52,6 +52,20 @@ class _TasksMixin:
         self._sync_tiling()
         return src
 
+    def _writing_task_checks(self):
+        """``_task_checks`` plus a labels layer of the image's shape to write into."""
+        src = self._task_checks()
+        labels = self.labels_layer
+        if labels is None:
+            raise _UserError("no labels layer to write into: choose one in the widget")
+        data = _unwrap(labels).data
+        if tuple(data.shape) != src.spatial_shape:
+            raise _UserError(
+                f"labels layer '{labels.name}' has shape {tuple(data.shape)}, "
+                f"the image is {src.spatial_shape}"
+            )
+        return src, labels
+
     def _progress_callback(self, task: _Task):
         """``progress(done, total)`` for the core, called in the worker: raises once Cancel
         was pressed, else shows the progress on the GUI thread."""
@@ -114,17 +128,8 @@ class _TasksMixin:
         napari's undo: re-propagate (e.g. forward from a corrected slice) instead.
         """
         try:
-            src = self._task_checks()
+            src, labels = self._writing_task_checks()
             axis, fixed = self.propagation_axis(src)
-            labels = self.labels_layer
-            if labels is None:
-                raise _UserError("no labels layer to write into: choose one in the widget")
-            data = _unwrap(labels).data
-            if tuple(data.shape) != src.spatial_shape:
-                raise _UserError(
-                    f"labels layer '{labels.name}' has shape {tuple(data.shape)}, "
-                    f"the image is {src.spatial_shape}"
-                )
             obj_id = self.object_id
             prompts = {
                 key[axis]: {obj_id: prompt}
@@ -163,7 +168,7 @@ class _TasksMixin:
             total=stop - start,
             obj_id=obj_id,
             labels=labels,
-            view=_layers.AxisView(data, axis, fixed, src.n_lead),
+            view=_layers.AxisView(_unwrap(labels).data, axis, fixed, src.n_lead),
             max_hole_area=int(self.max_hole_area.value()),
             max_sprinkle_area=int(self.max_sprinkle_area.value()),
         )
