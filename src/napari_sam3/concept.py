@@ -33,7 +33,6 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -41,7 +40,18 @@ from .cache import MemoryLRU, content_key
 from .embedding_store import EmbeddingStore
 from .everything import is_stack, segment_stack, stack_limits
 from .instances import Instance, Painted, clean_instances, merge_tiles, nms, paint_labels
-from .model import DEFAULT_MODEL, ModelLoadError, model_fingerprint, resolve_device, resolve_dtype
+from .model import (
+    DEFAULT_MODEL,
+    ModelLoadError,
+    checkpoint_type,
+    first_line,
+    load_checkpoint,
+    load_processor,
+    model_fingerprint,
+    prepare_model,
+    resolve_device,
+    resolve_dtype,
+)
 from .normalize import image_limits, to_rgb_uint8
 from .postprocess import DEFAULTS as CLEANUP
 from .prompts import PromptError, box_to_xyxy
@@ -60,48 +70,28 @@ def load_concept_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype=No
 
     ``facebook/sam3`` holds the detector and the tracker; a folder with a
     ``Sam3Model`` checkpoint (``model_type`` "sam3") works too. A tracker-only
-    checkpoint is refused with a clear message.
+    checkpoint, or one missing detector weights, is refused with a clear message.
     """
-    import json
-
+    source = prepare_model(model)
+    kind = checkpoint_type(source)
+    if kind is not None and kind not in ("sam3", "sam3_video"):
+        raise ModelLoadError(
+            f"'{source.name}' holds a '{kind}' checkpoint, not SAM3's concept detector: text and "
+            "exemplar prompts need a full SAM3 checkpoint (facebook/sam3) or a Sam3Model folder"
+        )
     from transformers import Sam3Model, Sam3Processor
 
-    model = str(model)
-    local = Path(model).expanduser()
-    is_local = local.exists()
-    if not is_local and (model.startswith((".", "/", "~")) or model.count("/") > 1):
-        raise ModelLoadError(f"cannot load model '{model}': no such folder")
-    if is_local:
-        cfg = local / "config.json"
-        if not cfg.is_file():
-            raise ModelLoadError(f"cannot load model '{model}': the folder has no config.json")
-        try:
-            kind = json.loads(cfg.read_text()).get("model_type")
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load model '{model}': unreadable config.json") from e
-        if kind not in ("sam3", "sam3_video"):
-            raise ModelLoadError(
-                f"'{model}' holds a '{kind}' checkpoint, not SAM3's concept detector: text and "
-                "exemplar prompts need a full SAM3 checkpoint (facebook/sam3) or a Sam3Model folder"
-            )
-    source = str(local) if is_local else model
-    torch_dtype = resolve_dtype(dtype, device)
+    def missing_message(missing, total):
+        return (f"'{source.name}' is not a complete SAM3 concept checkpoint: {len(missing)} of "
+                f"{total} detector weights are missing (e.g. {missing[0]})")
+
+    net = load_checkpoint(Sam3Model, source, "SAM3's concept detector", missing_message,
+                          dtype=resolve_dtype(dtype, device))
     try:
-        net = Sam3Model.from_pretrained(source, dtype=torch_dtype, use_safetensors=True,
-                                        trust_remote_code=False)
-        processor = Sam3Processor.from_pretrained(source)
-    except OSError as e:
-        if is_local:
-            raise ModelLoadError(f"cannot load model '{model}': {str(e).splitlines()[0]}") from e
-        raise ModelLoadError(
-            f"cannot load model '{model}': it is not in the local Hugging Face cache and could not "
-            f"be downloaded ({type(e).__name__}). Accept the licence at "
-            f"https://huggingface.co/{model}, log in with `hf auth login` and retry online, "
-            "or pass a local folder holding the checkpoint") from e
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(
-            f"cannot load model '{model}' as SAM3's concept detector: {str(e).splitlines()[0]}"
-        ) from e
+        processor = load_processor(Sam3Processor, source)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"cannot load the concept processor of '{source.name}': "
+                             f"{first_line(e)}") from e
     return net.to(device).eval(), processor
 
 
@@ -227,7 +217,8 @@ class ConceptSegmenter(TiledModel):
         net, processor = load_concept_model(model, dev, dtype)
         store = None if cache is None else EmbeddingStore(cache, cache_dtype, on_cache_warning)
         return cls(net, processor, dev, model_id=str(model), store=store,
-                   fingerprint=model_fingerprint(str(model), net), cache_bytes=cache_bytes,
+                   fingerprint=model_fingerprint(str(model), net, processor),
+                   cache_bytes=cache_bytes,
                    tile_size=tile_size, overlap=overlap)
 
     @classmethod

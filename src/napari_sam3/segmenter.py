@@ -148,7 +148,7 @@ class Sam3Segmenter(TiledModel):
         store = None if cache is None else EmbeddingStore(cache, cache_dtype, on_cache_warning)
         return cls(net, processor, dev, cache_bytes=cache_bytes, model_id=str(model),
                    store=store, tile_size=tile_size, overlap=overlap,
-                   fingerprint=model_fingerprint(str(model), net))
+                   fingerprint=model_fingerprint(str(model), net, processor))
 
     # -- encoding ---------------------------------------------------------------------------
     def resolve_limits(self, image, limits=None):

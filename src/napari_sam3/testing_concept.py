@@ -99,3 +99,32 @@ def save_random_concept_model(folder, config=None, seed: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tiny_concept_processor(side).save_pretrained(folder)
     return folder
+
+
+def save_random_sam3(folder, seed: int = 0) -> Path:
+    """A tiny random checkpoint laid out like ``facebook/sam3``: one ``Sam3VideoModel``
+    (``detector_model.*``, ``tracker_model.*``, ``tracker_neck.*``) whose detector and
+    tracker share one ViT, saved with the concept processor. Returns the folder."""
+    import torch
+    from transformers import Sam3VideoConfig, Sam3VideoModel
+
+    from .testing import tiny_video_config
+
+    detector = tiny_concept_config()
+    tracker = tiny_video_config()
+    tracker.vision_config = detector.vision_config  # as in facebook/sam3: one backbone
+    config = Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict())
+    torch.manual_seed(seed)
+    model = Sam3VideoModel(config).eval()
+    with torch.no_grad():
+        model.tracker_model.no_memory_embedding.normal_(0.0, 1.0)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    side = detector.vision_config.backbone_config.image_size
+    tiny_concept_processor(side).save_pretrained(folder)
+    from transformers import Sam2VideoVideoProcessor  # propagation's frame processor
+
+    Sam2VideoVideoProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3,
+                            image_std=[0.5] * 3).save_pretrained(folder)
+    return folder

@@ -1,30 +1,15 @@
 """Loading SAM3 with the command line's options (--model, --device, cache and tiling);
-a checkpoint that cannot be loaded is one error line (exit 2), never a traceback."""
+a checkpoint that cannot be loaded is one error line (exit 2), never a traceback.
+
+The model arguments and --device are checked before torch is imported (a mistyped
+folder fails at once); transformers is kept quiet by :mod:`napari_sam3.model`."""
 
 from __future__ import annotations
 
-import contextlib
-import os
+import sys
 from pathlib import Path
 
-from .errors import CliError
-
-
-@contextlib.contextmanager
-def _quiet_local_load(model: str):
-    """No "Loading weights" bar for a local folder; hub downloads keep their progress bars."""
-    if not Path(model).expanduser().exists():
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
+from .errors import PROG, CliError, one_line
 
 
 def _load_error(e: Exception, model: str) -> CliError:
@@ -37,29 +22,44 @@ def _load_error(e: Exception, model: str) -> CliError:
     return CliError(f"cannot load model {model!r}: {type(e).__name__}: {e}")
 
 
+def checked_model(model: str, device: str):
+    """``model.prepare_model`` and the device name, without torch: one error line, or a
+    note when a local folder is used for a name that is also a hub id's."""
+    from ..model import ModelLoadError, check_device_name, prepare_model
+
+    try:
+        check_device_name(device)
+        source = prepare_model(model)
+    except ModelLoadError as e:
+        raise CliError(e) from None
+    if source.note:
+        print(f"{PROG}: note: {one_line(source.note)}", file=sys.stderr, flush=True)
+    return source
+
+
 def _from_pretrained(load, model: str, args, cache: Path | None, on_cache_warning):
     """``load(model, **options)`` with the CLI's options; errors are one line, exit 2."""
+    source = checked_model(model, args.device)  # before torch is imported
     try:
-        with _quiet_local_load(model):
-            return load(
-                model,
-                device=args.device,
-                cache=cache,
-                cache_dtype=args.cache_dtype,
-                tile_size=args.tile,
-                overlap=args.overlap,
-                on_cache_warning=on_cache_warning,
-            )
+        return load(
+            source,
+            device=args.device,
+            cache=cache,
+            cache_dtype=args.cache_dtype,
+            tile_size=args.tile,
+            overlap=args.overlap,
+            on_cache_warning=on_cache_warning,
+        )
     except Exception as e:  # noqa: BLE001 - a broken checkpoint must not print a traceback
         raise _load_error(e, model) from None
 
 
 def load_segmenter(args, cache: Path | None, on_cache_warning, video: bool = False):
     """Sam3Segmenter.from_pretrained (--model); with ``video``, its video tracker too."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from ..segmenter import Sam3Segmenter
 
     def load(model, **options):
+        from ..segmenter import Sam3Segmenter
+
         segmenter = Sam3Segmenter.from_pretrained(model, **options)
         if video:
             segmenter.video_tracker()  # fails here, before anything is written
@@ -70,8 +70,11 @@ def load_segmenter(args, cache: Path | None, on_cache_warning, video: bool = Fal
 
 def load_concept(args, cache: Path | None, on_cache_warning):
     """ConceptSegmenter.from_pretrained (--concept-model, else --model); errors exit 2."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from ..concept import ConceptSegmenter
 
-    model = args.concept_model or args.model
-    return _from_pretrained(ConceptSegmenter.from_pretrained, model, args, cache, on_cache_warning)
+    def load(model, **options):
+        from ..concept import ConceptSegmenter
+
+        return ConceptSegmenter.from_pretrained(model, **options)
+
+    return _from_pretrained(load, args.concept_model or args.model, args, cache,
+                            on_cache_warning)
