@@ -332,18 +332,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="track the prompted objects from their slices through the stack",
     )
     prop.add_argument(
+        "--first",
+        type=_whole,
+        metavar="K",
+        default=None,
+        help="first slice to propagate through, 0-based (default: 0)",
+    )
+    prop.add_argument(
+        "--last",
+        type=_whole,
+        metavar="K",
+        default=None,
+        help="last slice to propagate through, included (default: the last of the stack)",
+    )
+    prop.add_argument(
         "--start",
         type=_whole,
         metavar="K",
         default=None,
-        help="first slice to propagate through (default: 0)",
+        help="the same as --first (kept for compatibility)",
     )
     prop.add_argument(
         "--stop",
         type=_whole,
         metavar="K",
         default=None,
-        help="propagate up to slice K, exclusive (default: the end of the stack)",
+        help="propagate up to slice K, excluded: the same as --last K-1 (kept for "
+        "compatibility)",
     )
     prop.add_argument(
         "--stop-after",

@@ -54,9 +54,29 @@ def robust_limits(image, percentiles=PERCENTILES) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def check_limits(limits):
+    """``limits`` if it is one ``(low, high)`` pair or one pair per channel (up to 4), of
+    finite numbers with low < high; else a ValueError (never silently swapped or widened)."""
+    form = "limits must be (low, high) or one (low, high) pair per channel"
+    try:
+        arr = np.asarray(limits, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{form}, got {limits!r}") from None
+    if arr.shape != (2,) and not (arr.ndim == 2 and arr.shape[1] == 2 and 1 <= len(arr) <= 4):
+        raise ValueError(f"{form}, got {limits!r}")
+    for lo, hi in arr.reshape(-1, 2):
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(f"limits must be finite numbers, got ({lo:g}, {hi:g})")
+        if not lo < hi:
+            raise ValueError(f"limits ({lo:g}, {hi:g}): low must be below high")
+    return limits
+
+
 def image_limits(image, limits=None):
     """The limits to use for every tile of ``image``: None for uint8 RGB (unchanged),
     else ``limits`` as given or per-channel robust limits from a sample of the image."""
+    if limits is not None:
+        check_limits(limits)
     channels_last = len(image.shape) == 3 and image.shape[-1] in (2, 3, 4)
     if channels_last and image.dtype == np.uint8 and image.shape[-1] in (3, 4):
         return None
@@ -81,6 +101,8 @@ def to_rgb_uint8(image, limits=None) -> np.ndarray:
 
     ``limits`` is one ``(low, high)`` pair for all channels or one pair per channel.
     """
+    if limits is not None:
+        check_limits(limits)
     img = np.asarray(image)
     if img.ndim == 3 and not is_channels_last(img):
         raise ValueError(f"expected a 2D image or (Y, X, C) with C<=4, got shape {img.shape}")

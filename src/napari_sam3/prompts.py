@@ -16,6 +16,66 @@ class PromptError(ValueError):
     """A prompt that cannot be used (outside the image, malformed, empty)."""
 
 
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _numbers(values, what: str) -> np.ndarray:
+    """``values`` as a float64 array; anything that is not numbers is a PromptError."""
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise PromptError(f"{what}, got {_short(values)}") from None
+
+
+_INTEGER = (int, np.integer, np.bool_)  # bool is an int
+
+
+def _point_labels(labels) -> np.ndarray:
+    """Point labels as int64: exactly 0 or 1, as integers or booleans (NumPy's too).
+
+    Floats are refused, never rounded: 0.5 or 1.9 is a mistake, not a click.
+    """
+    flat = PromptError(f"point labels must be a flat list of 0 and 1, got {_short(labels)}")
+    try:
+        arr = np.asarray(labels)
+    except (TypeError, ValueError):  # ragged nesting
+        raise flat from None
+    if arr.ndim > 1:
+        raise flat
+    arr = arr.reshape(-1)
+    if arr.dtype.kind not in "biu" or not np.isin(arr, (0, 1)).all():
+        bad = [v for v in arr.tolist() if not (isinstance(v, _INTEGER) and v in (0, 1))]
+        if bad:
+            raise PromptError(
+                "point labels must be 1 (positive) or 0 (negative), as integers or "
+                f"booleans; got {_short(bad[0])}"
+            )
+    return arr.astype(np.int64)
+
+
+def as_prompts(prompts, shape=None, ids=None) -> list[ObjectPrompt]:
+    """``prompts`` as ObjectPrompts (a dict is taken as keyword arguments), each inside an
+    image of ``shape`` if given; an error names the object: ``object N: ...``, N its id in
+    ``ids`` or its position from 1."""
+    out = []
+    for i, p in enumerate(prompts):
+        try:
+            if isinstance(p, dict):
+                p = ObjectPrompt(**p)
+            elif not isinstance(p, ObjectPrompt):
+                raise PromptError(f"expected an ObjectPrompt or a dict, got {type(p).__name__}")
+            if shape is not None:
+                p.check_inside(tuple(shape))
+        except TypeError as e:  # unknown keyword arguments
+            raise PromptError(f"object {i + 1 if ids is None else ids[i]}: {e}") from None
+        except PromptError as e:
+            raise PromptError(f"object {i + 1 if ids is None else ids[i]}: {e}") from None
+        out.append(p)
+    return out
+
+
 @dataclass
 class ObjectPrompt:
     """Prompts for one object.
@@ -39,23 +99,22 @@ class ObjectPrompt:
     mask: np.ndarray | None = None
 
     def __post_init__(self):
-        pts = np.asarray(self.points, dtype=np.float64).reshape(-1, 2) if len(self.points) else (
-            np.zeros((0, 2))
-        )
+        pts = _numbers(self.points, "points are (row, col) pairs of numbers")
+        if pts.size % 2:
+            raise PromptError("points are (row, col) pairs of numbers")
+        pts = pts.reshape(-1, 2)
         self.points = pts
         if self.point_labels is None:
             labels = np.ones(len(pts), dtype=np.int64)
         else:
-            labels = np.asarray(self.point_labels, dtype=np.int64).reshape(-1)
+            labels = _point_labels(self.point_labels)
         if len(labels) != len(pts):
             raise PromptError(f"{len(pts)} points but {len(labels)} point labels")
-        if not np.isin(labels, (0, 1)).all():
-            raise PromptError("point labels must be 1 (positive) or 0 (negative)")
         self.point_labels = labels
         if not np.isfinite(pts).all():
             raise PromptError("point coordinates must be finite numbers")
         if self.box is not None:
-            box = np.asarray(self.box, dtype=np.float64).reshape(-1)
+            box = _numbers(self.box, "a box is (row0, col0, row1, col1)").reshape(-1)
             if box.shape != (4,):
                 raise PromptError("a box is (row0, col0, row1, col1)")
             if not np.isfinite(box).all():
@@ -66,6 +125,8 @@ class ObjectPrompt:
             self.mask = np.asarray(self.mask).astype(bool)
         if not len(pts) and self.box is None and self.mask is None:
             raise PromptError("an object needs at least one point, a box or a mask")
+        if not len(pts) and self.box is None and not self.mask.any():
+            raise PromptError("empty mask: no pixel is set, and there is no point or box")
 
     @property
     def uses_multimask(self) -> bool:

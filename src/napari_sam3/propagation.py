@@ -15,35 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .normalize import _sample, robust_limits
-from .prompts import ObjectPrompt, PromptError, box_to_xyxy, rowcol_to_xy
+from .checks import MAX_ID, is_whole, whole_number
+from .heap import trim_heap
+from .normalize import _sample, check_limits, robust_limits
+from .prompts import ObjectPrompt, PromptError, as_prompts, box_to_xyxy, rowcol_to_xy
 from .tiling import Tile
 
 DIRECTIONS = ("forward", "backward", "both")
 TRIM_EVERY = 32  # slices between returns of freed heap memory to the system
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc only; elsewhere a no-op).
-
-    Per-slice tensors and arrays of varying sizes fragment glibc's heap, so a long
-    propagation's resident memory would creep up with depth although what it keeps
-    is bounded; trimming now and then keeps the resident size bounded too.
-    """
-    global _libc
-    if _libc is None:
-        try:
-            import ctypes
-
-            _libc = ctypes.CDLL("libc.so.6")
-            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-_libc = None
 
 
 @dataclass
@@ -72,13 +51,20 @@ class StackFrames:
         n_lead = len(shape) - (3 if self.rgb else 2)
         if n_lead < 1:
             raise ValueError(f"a stack needs a z or t axis; got shape {shape}")
-        axis = axis % (n_lead + (3 if self.rgb else 2))
+        axis = whole_number("axis", axis)
+        if not -len(shape) <= axis < len(shape):
+            raise ValueError(f"axis {axis} is out of range for data of shape {shape}")
+        axis %= len(shape)  # NumPy's negative axes; never wrapped past the end
         if axis >= n_lead:
             raise ValueError(f"axis {axis} is a spatial axis of shape {shape}")
         fixed = dict(fixed or {})
         missing = [a for a in range(n_lead) if a != axis and a not in fixed]
         if missing:
             raise ValueError(f"fix the index of axes {missing} (e.g. the z of a TZYX series)")
+        for a, k in fixed.items():
+            if a not in range(n_lead) or a == axis:
+                raise ValueError(f"fixed axis {a!r} is not another leading axis of shape {shape}")
+            whole_number(f"the fixed index of axis {a}", k, 0, shape[a] - 1)
         self.axis, self.fixed, self.n_lead = axis, fixed, n_lead
         self.depth = shape[axis]
         self.shape = shape[n_lead:]  # one slice: (Y, X) or (Y, X, C)
@@ -123,13 +109,29 @@ class _FrameCount(dict):
         raise RuntimeError(f"slice {key} has no features in the session")
 
 
-def normalize_prompts(prompts_by_slice) -> dict[int, dict[int, ObjectPrompt]]:
-    """{slice: {id: ObjectPrompt}}; a list per slice gives ids 1, 2, ... in order."""
+def normalize_prompts(prompts_by_slice, plane=None) -> dict[int, dict[int, ObjectPrompt]]:
+    """{slice: {id: ObjectPrompt}}; a list per slice gives ids 1, 2, ... in order.
+
+    Slices and ids must be whole numbers (ids from 1); with ``plane`` (Y, X), prompts
+    must lie inside it. Errors name the slice and the object."""
+    if not isinstance(prompts_by_slice, Mapping):
+        raise PromptError("prompts_by_slice must be a dict {slice: prompts}, got "
+                          f"{type(prompts_by_slice).__name__}")
     out: dict[int, dict[int, ObjectPrompt]] = {}
     for k, objs in prompts_by_slice.items():
-        items = objs.items() if isinstance(objs, Mapping) else enumerate(objs, 1)
-        out[int(k)] = {int(i): p if isinstance(p, ObjectPrompt) else ObjectPrompt(**p)
-                       for i, p in items}
+        try:
+            k = whole_number("a slice index", k)
+            items = list(objs.items() if isinstance(objs, Mapping) else enumerate(objs, 1))
+            ids = [whole_number("a label id", i, 1, MAX_ID) for i, _ in items]
+        except TypeError:
+            raise PromptError(f"slice {k}: give a list of prompts or a dict {{id: prompt}}, "
+                              f"got {type(objs).__name__}") from None
+        except ValueError as e:
+            raise PromptError(f"slice {k}: {e}" if is_whole(k) else str(e)) from None
+        try:
+            out[k] = dict(zip(ids, as_prompts([p for _, p in items], plane, ids), strict=True))
+        except PromptError as e:
+            raise PromptError(f"slice {k}, {e}") from None
     return out
 
 
@@ -196,11 +198,13 @@ class Propagator:
             for obj_id, p in prompts[k].items():
                 self._add_inputs(session, k, obj_id, p, tile, padded_shape)
                 step(k)
+        # "both": forward from the first prompted slice, then backward from the slice
+        # before it, so every slice is tracked (and reported) once
         passes = []
         if direction in ("forward", "both"):
             passes.append((in_range[0], False))
         if direction in ("backward", "both"):
-            passes.append((in_range[0] if direction == "both" else in_range[-1], True))
+            passes.append((in_range[0] - 1 if direction == "both" else in_range[-1], True))
         for first, reverse in passes:
             gone: dict[int, int] = {}
             order = range(first, start - 1, -1) if reverse else range(first, stop)
@@ -213,7 +217,7 @@ class Propagator:
                 yield self._result(k, out, ids, scores, tile, padded_shape, gone, stop_after)
                 prune(k, reverse)
                 if k % TRIM_EVERY == 0:
-                    _trim_heap()
+                    trim_heap()
                 if k not in prompted and all(gone.get(i, 0) >= stop_after for i in ids):
                     break
 
@@ -262,7 +266,7 @@ def stack_limits(frames: StackFrames, limits=None):
     """One normalisation for the whole stack: ``limits`` as given, or percentiles of a
     sample of up to 8 slices (windows of large ones), never per-slice min/max."""
     if limits is not None:
-        return limits
+        return check_limits(limits)
     if frames.rgb and frames.stack.dtype == np.uint8 and frames.shape[-1] in (3, 4):
         return None
     picks = np.unique(np.linspace(0, len(frames) - 1, min(8, len(frames))).astype(int))

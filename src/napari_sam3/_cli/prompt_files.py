@@ -53,6 +53,8 @@ def _read_json(path: str, what: str):
         ) from None
     except ValueError as e:
         raise CliError(f"{what} {path!r} are not valid JSON: {e}") from None
+    except RecursionError:
+        raise CliError(f"{what} {path!r} are not usable JSON: nested too deeply") from None
 
 
 def load_exemplars(path: str, inp: Input) -> tuple[list[list[float]], list[int]]:

@@ -10,23 +10,46 @@ from .models import load_segmenter
 from .output import check_output, commit, count_labels, new_labels, plane, staging
 from .prompt_files import by_slice, load_prompts
 
-PROPAGATE_OPTIONS = ("start", "stop", "stop_after", "score_threshold")
+PROPAGATE_OPTIONS = ("first", "last", "start", "stop", "stop_after", "score_threshold")
+
+
+def slice_range(args, depth: int) -> tuple[int, int]:
+    """``(start, stop)``, stop excluded as in the API, from --first/--last (both included;
+    --start and --stop, stop excluded, are kept for compatibility)."""
+    if args.first is not None and args.start is not None:
+        raise CliError("--start is the old name of --first: give one of them")
+    if args.last is not None and args.stop is not None:
+        raise CliError(
+            "--last K (included) and --stop K (excluded) both end the range: give one of them"
+        )
+    given = "--first" if args.start is None else "--start"
+    first = args.first if args.start is None else args.start
+    first = 0 if first is None else first
+    if args.stop is not None:
+        if not 0 <= first < args.stop <= depth:
+            raise CliError(
+                f"{given} {first} --stop {args.stop}: need 0 <= start < stop <= {depth} "
+                f"(--stop is excluded; the stack has {depth} slices, 0 to {depth - 1})"
+            )
+        return first, args.stop
+    last = depth - 1 if args.last is None else args.last
+    if not 0 <= first <= last <= depth - 1:
+        raise CliError(
+            f"{given} {first} --last {last}: need 0 <= first <= last <= {depth - 1} "
+            f"(both included; the stack has {depth} slices, 0 to {depth - 1})"
+        )
+    return first, last + 1
 
 
 def segment_prompts(args, inp: Input) -> int:
     objects = load_prompts(args.prompts, inp)
     prompts_by_slice = by_slice(objects)
+    start = stop = None
     if args.propagate:
-        start = 0 if args.start is None else args.start
-        stop = inp.depth if args.stop is None else args.stop
-        if not 0 <= start < stop <= inp.depth:
-            raise CliError(
-                f"--start {start} --stop {stop}: need 0 <= start < stop <= {inp.depth} "
-                f"(the stack has {inp.depth} slices)"
-            )
+        start, stop = slice_range(args, inp.depth)
         if not any(start <= k < stop for k in prompts_by_slice):
             raise CliError(
-                f"no prompted slice between --start {start} and --stop {stop} (exclusive); "
+                f"no prompted slice between slices {start} and {stop - 1} (both included); "
                 f"prompted slices: {', '.join(map(str, prompts_by_slice))}"
             )
         if inp.frames.rgb and inp.frames.shape[-1] == 2:
@@ -40,7 +63,8 @@ def segment_prompts(args, inp: Input) -> int:
     with reported_as_failed("segmentation"), staging(out) as staged:
         labels = new_labels(staged, inp.labels_shape)
         if args.propagate:
-            _propagate(segmenter, inp, prompts_by_slice, labels, limits, args, post)
+            _propagate(segmenter, inp, prompts_by_slice, labels, limits, args, post,
+                       (start, stop))
         else:
             for k, objs in prompts_by_slice.items():  # k is None on a 2D image
                 image = inp.frames[k] if inp.is_stack else inp.plane
@@ -70,8 +94,10 @@ def segment_prompts(args, inp: Input) -> int:
     return 0
 
 
-def _propagate(segmenter, inp: Input, prompts_by_slice, labels, limits, args, post) -> None:
-    """``Sam3Segmenter.iter_propagate`` into ``labels``, with a progress line per slice."""
+def _propagate(segmenter, inp: Input, prompts_by_slice, labels, limits, args, post,
+               slices: tuple[int, int]) -> None:
+    """``Sam3Segmenter.iter_propagate`` over ``slices`` (start, stop excluded) into
+    ``labels``, with a progress line per slice."""
     from ..segmenter import write_slice
 
     results = segmenter.iter_propagate(
@@ -79,8 +105,7 @@ def _propagate(segmenter, inp: Input, prompts_by_slice, labels, limits, args, po
         prompts_by_slice,
         inp.axis,
         args.propagate,
-        args.start,
-        args.stop,
+        *slices,
         fixed=inp.fixed,
         limits=limits,
         score_threshold=0.0 if args.score_threshold is None else args.score_threshold,
