@@ -37,6 +37,11 @@ from .instances import Instance, Painted, clean_instances, merge_tiles, paint_la
 from .postprocess import DEFAULTS as CLEANUP
 from .prompts import rowcol_to_xy
 
+# A prompt every 4 pixels of a 1008 px tile (65,536 per tile, hours of decoding per tile on
+# a CPU): denser grids find nothing new. Larger values are refused up front, before any
+# grid is built (100,000 per side would allocate tens of GB for the grid alone).
+MAX_POINTS_PER_SIDE = 256
+
 
 @dataclass(frozen=True)
 class EverythingSettings:
@@ -46,7 +51,8 @@ class EverythingSettings:
     tile; raise it for small, dense cells). ``min_area``: objects smaller than this
     (pixels) are dropped. ``max_area_fraction``: masks covering more than this
     fraction of a tile are dropped before NMS (SAM often offers "the background" as
-    a mask); None keeps them.
+    a mask); None keeps them. ``points_per_side`` is at most ``MAX_POINTS_PER_SIDE``
+    (256).
     """
 
     points_per_side: int = 32
@@ -65,6 +71,10 @@ class EverythingSettings:
     def __post_init__(self):
         if self.points_per_side < 1:
             raise ValueError("points_per_side must be at least 1")
+        if self.points_per_side > MAX_POINTS_PER_SIDE:
+            raise ValueError(
+                f"points_per_side must be at most {MAX_POINTS_PER_SIDE} (a point every 4 px "
+                f"of a 1008 px tile), got {self.points_per_side}")
         if self.points_per_batch < 1:
             raise ValueError("points_per_batch must be at least 1")
 
@@ -323,6 +333,6 @@ def segment_stack(segment_slice, stack, out=None) -> np.ndarray:
     return out
 
 
-__all__ = ["EverythingSettings", "EverythingResult", "SETTINGS", "point_grid", "decode_tile",
-           "generate_everything", "segment_everything", "is_stack", "stack_limits",
-           "segment_stack"]
+__all__ = ["EverythingSettings", "EverythingResult", "SETTINGS", "MAX_POINTS_PER_SIDE",
+           "point_grid", "decode_tile", "generate_everything", "segment_everything", "is_stack",
+           "stack_limits", "segment_stack"]

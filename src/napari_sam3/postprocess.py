@@ -93,57 +93,146 @@ def masks_to_labels(
     return labels
 
 
+Box = tuple[int, int, int, int]  # (row0, col0, row1, col1), end exclusive
+
+
+def mask_box(mask: np.ndarray) -> tuple[slice, slice]:
+    """The bounding box of a 2D boolean mask as slices; (0:0, 0:0) when it is empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return slice(0, 0), slice(0, 0)
+    cols = np.flatnonzero(mask.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+@dataclass(frozen=True)
+class Flush:
+    """An item of the stream that :func:`paste_objects` takes: every later object lies
+    inside one of the ``pending`` boxes (row0, col0, row1, col1), so the labels
+    anywhere else are final; they are written and their memory freed."""
+
+    pending: tuple[Box, ...] = ()
+
+
+class BestLogitMap:
+    """Objects merged one at a time into labels, by the rule of :func:`paste_objects`.
+
+    Holds, for every pixel some object's cleaned mask covers, the highest logit so far
+    (float32) and the index of the object that has it (int32), in blocks of
+    ``block`` x ``block`` pixels allocated where objects land. Memory is bounded by
+    the area covered (8 bytes a pixel), never by the number of objects; :meth:`write`
+    with ``pending`` frees the blocks that no later object can reach.
+    """
+
+    def __init__(self, out, ids=None, max_hole_area: int = 0, max_sprinkle_area: int = 0,
+                 overwrite: bool = True, block: int = 256):
+        self.out = out
+        self.ids = None if ids is None else np.asarray([int(i) for i in ids], dtype=np.int64)
+        self.cleanup = (max_hole_area, max_sprinkle_area)
+        self.overwrite = overwrite
+        self.block = int(block)
+        self.shape = tuple(int(v) for v in out.shape[:2])
+        self.blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def add(self, index: int, region, logits) -> None:
+        """Object ``index`` (its place in the list: ids and ties) with ``logits`` over
+        ``region`` (row slice, col slice) of the image; cleaned on its own box."""
+        lg = np.asarray(logits, dtype=np.float32)
+        box = mask_box(lg > 0)
+        lg = lg[box]
+        if not lg.size:
+            return
+        mask = clean_mask(lg > 0, *self.cleanup)  # the same as on the whole region
+        r0 = (region[0].start or 0) + box[0].start
+        c0 = (region[1].start or 0) + box[1].start
+        b = self.block
+        for bi in range(r0 // b, (r0 + lg.shape[0] - 1) // b + 1):
+            for bj in range(c0 // b, (c0 + lg.shape[1] - 1) // b + 1):
+                rows = slice(max(r0, bi * b), min(r0 + lg.shape[0], (bi + 1) * b))
+                cols = slice(max(c0, bj * b), min(c0 + lg.shape[1], (bj + 1) * b))
+                mine = (slice(rows.start - r0, rows.stop - r0),
+                        slice(cols.start - c0, cols.stop - c0))
+                m = mask[mine]
+                if not m.any():
+                    continue
+                best, owner = self._block(bi, bj)
+                here = (slice(rows.start - bi * b, rows.stop - bi * b),
+                        slice(cols.start - bj * b, cols.stop - bj * b))
+                top, who, new = best[here], owner[here], lg[mine]
+                # the highest logit wins; on a tie, the object first in the list
+                take = m & ((who < 0) | (new > top) | ((new == top) & (index < who)))
+                top[take] = new[take]
+                who[take] = index
+
+    def _block(self, bi: int, bj: int):
+        hit = self.blocks.get((bi, bj))
+        if hit is None:
+            b = self.block
+            shape = (min(b, self.shape[0] - bi * b), min(b, self.shape[1] - bj * b))
+            hit = (np.full(shape, -np.inf, dtype=np.float32), np.full(shape, -1, np.int32))
+            self.blocks[(bi, bj)] = hit
+        return hit
+
+    def write(self, pending=None) -> None:
+        """Write into ``out`` and free every block that meets none of the ``pending``
+        boxes (all blocks when None)."""
+        b = self.block
+        keys = list(self.blocks)
+        if not keys:
+            return
+        starts = np.asarray(keys, dtype=np.int64) * b  # (N, 2) block origins
+        waiting = np.zeros(len(keys), dtype=bool)
+        if pending:
+            p = np.asarray(pending, dtype=np.int64).reshape(-1, 4)[None]
+            r, c = starts[:, :1], starts[:, 1:]
+            waiting = ((p[..., 0] < r + b) & (r < p[..., 2])
+                       & (p[..., 1] < c + b) & (c < p[..., 3])).any(axis=1)
+        for (bi, bj), wait in zip(keys, waiting, strict=True):
+            if wait:
+                continue
+            r0, c0 = bi * b, bj * b
+            _, owner = self.blocks.pop((bi, bj))
+            covered = owner >= 0
+            rows, cols = mask_box(covered)
+            window = (slice(r0 + rows.start, r0 + rows.stop), slice(c0 + cols.start,
+                                                                    c0 + cols.stop))
+            covered, owner = covered[rows, cols], owner[rows, cols]
+            current = np.array(self.out[window])
+            if not self.overwrite:
+                covered &= current == 0
+            if covered.any():
+                who = owner[covered]
+                current[covered] = who + 1 if self.ids is None else self.ids[who]
+                self.out[window] = current
+
+
 def paste_objects(out, objects, ids=None, max_hole_area: int = 0, max_sprinkle_area: int = 0,
                   overwrite: bool = True) -> None:
     """Write objects given as ``(region, logits)`` crops into ``out`` (NumPy or Zarr).
 
-    Object i gets ``ids[i]`` (default i+1); where objects overlap, the highest logit
-    wins (ties: the first object). Only the bounding box of each mask is read and
-    written, so ``out`` can be far larger than memory. With ``overwrite=False``,
-    pixels already labelled in ``out`` are kept.
+    Object i gets ``ids[i]`` (default i+1). Each object's mask (logits > 0, cleaned
+    on its bounding box) is merged as it comes: where masks overlap, the highest
+    logit wins (ties: the object first in the list). With ``overwrite=False``, pixels
+    already labelled in ``out`` are kept. Only the area objects cover is read and
+    written, so ``out`` can be far larger than memory.
+
+    ``objects`` may be any iterable, a generator too: objects are taken one at a time
+    and not kept, so memory is bounded by the area they cover (see
+    :class:`BestLogitMap`), not by their number. Items are ``(region, logits)``
+    (object i is the i-th), or ``(region, logits, i)`` for objects coming in another
+    order, or a :class:`Flush`, after which only the area of its pending boxes can
+    still change: the rest is written then.
     """
-    n = len(objects)
-    ids = list(range(1, n + 1)) if ids is None else [int(i) for i in ids]
-    # each object's cleaned mask, cropped to its bounding box in image coordinates
-    boxes, masks, logits = [], [], []
-    for region, lg in objects:
-        lg = np.asarray(lg, dtype=np.float32)
-        m = clean_mask(lg > 0, max_hole_area, max_sprinkle_area)
-        if not m.any():
-            boxes.append(None)
-            masks.append(None)
-            logits.append(None)
+    merged = BestLogitMap(out, ids, max_hole_area, max_sprinkle_area, overwrite)
+    n = 0
+    for item in objects:
+        if isinstance(item, Flush):
+            merged.write(item.pending)
             continue
-        rr, cc = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
-        r0, r1, c0, c1 = rr[0], rr[-1] + 1, cc[0], cc[-1] + 1
-        off_r, off_c = region[0].start or 0, region[1].start or 0
-        boxes.append((off_r + r0, off_c + c0, off_r + r1, off_c + c1))
-        masks.append(m[r0:r1, c0:c1])
-        logits.append(lg[r0:r1, c0:c1])
-    for i in range(n):
-        if boxes[i] is None:
-            continue
-        a0, b0, a1, b1 = boxes[i]
-        keep = masks[i].copy()
-        for j in range(n):
-            if j == i or boxes[j] is None:
-                continue
-            c0, d0, c1, d1 = boxes[j]
-            r0, r1, q0, q1 = max(a0, c0), min(a1, c1), max(b0, d0), min(b1, d1)
-            if r0 >= r1 or q0 >= q1:
-                continue
-            mine = (slice(r0 - a0, r1 - a0), slice(q0 - b0, q1 - b0))
-            theirs = (slice(r0 - c0, r1 - c0), slice(q0 - d0, q1 - d0))
-            other = masks[j][theirs]
-            beats = logits[j][theirs] >= logits[i][mine] if j < i else (
-                logits[j][theirs] > logits[i][mine])
-            keep[mine] &= ~(other & beats)
-        window = (slice(a0, a1), slice(b0, b1))
-        current = np.asarray(out[window])
-        writable = keep if overwrite else keep & (current == 0)
-        if writable.any():
-            current[writable] = ids[i]
-            out[window] = current
+        region, logits, *index = item
+        merged.add(index[0] if index else n, region, logits)
+        n += 1
+    merged.write()
 
 
 def paste_object(

@@ -7,20 +7,24 @@ its pixels; every later prompt only runs the prompt encoder and mask decoder.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .cache import MemoryLRU, content_key
+from .checks import cleanup_areas, finite_number, label_ids, labels_shape, whole_number
 from .embedding_store import EmbeddingStore
+from .heap import trim_heap
 from .model import DEFAULT_MODEL, load_tracker, model_fingerprint, resolve_device
-from .normalize import image_limits, to_rgb_uint8
-from .postprocess import DEFAULTS, paste_objects
-from .prompts import ObjectPrompt, PromptError, box_to_xyxy, rowcol_to_xy
+from .normalize import check_limits, image_limits, to_rgb_uint8
+from .postprocess import DEFAULTS, Flush, mask_box, paste_objects
+from .prompts import ObjectPrompt, PromptError, as_prompts, box_to_xyxy, rowcol_to_xy
 from .tiling import Tile, TiledModel, TileGrid, pad_to
 
 _MASK_EPS = 1e-3  # binary mask prompt -> logits of about +-6.9, as micro-sam does
+DECODE_BATCH = 32  # objects per mask-decoder call (it copies the image features per object)
+UPSAMPLE_BYTES = 16 << 20  # full-resolution float32 logits upsampled at once (>= 1 object)
 
 
 @dataclass
@@ -97,6 +101,13 @@ class ObjectMask:
     iou_score: float
     object_score: float
 
+    def shifted(self, row0: int, col0: int) -> ObjectMask:
+        """The same object with its region moved by (row0, col0), e.g. tile -> image."""
+        rows, cols = self.region
+        return ObjectMask((slice(rows.start + row0, rows.stop + row0),
+                           slice(cols.start + col0, cols.stop + col0)),
+                          self.logits, self.iou_score, self.object_score)
+
 
 def prompt_bbox(prompt: ObjectPrompt) -> tuple[float, float, float, float]:
     """(row0, col0, row1, col1) around all of an object's points, box and mask."""
@@ -111,6 +122,8 @@ def prompt_bbox(prompt: ObjectPrompt) -> tuple[float, float, float, float]:
         rr, cc = np.nonzero(prompt.mask)
         rows += [rr.min(), rr.max()]
         cols += [cc.min(), cc.max()]
+    if not rows:
+        raise PromptError("empty mask: no pixel is set, and there is no point or box")
     return min(rows), min(cols), max(rows), max(cols)
 
 
@@ -260,54 +273,101 @@ class Sam3Segmenter(TiledModel):
 
         An object with exactly one point and no box/mask uses multimask output and
         keeps the mask with the highest predicted IoU; every other object uses
-        single-mask output. Objects with the same kind of prompt are decoded in one
-        batch; mask prompts are decoded one by one (a transformers limit).
+        single-mask output. Objects with the same kind of prompt are decoded together,
+        ``DECODE_BATCH`` at a time; mask prompts are decoded one by one (a transformers
+        limit). Each result holds logits over the whole image: for many objects use
+        :meth:`segment` or :meth:`iter_objects`, which keep only each object's box.
         """
         prompts = list(prompts)
         for p in prompts:
             p.check_inside(embedding.image_shape)
         results: list[MaskPrediction | None] = [None] * len(prompts)
+        for i, obj in self._decode(embedding, prompts):
+            results[i] = MaskPrediction(obj.logits, obj.iou_score, obj.object_score)
+        return results
+
+    def predict_objects(self, image, prompts: Sequence[ObjectPrompt], limits=None, *,
+                        crop: bool = False) -> list[ObjectMask]:
+        """Each object's mask logits over the tile that holds its prompts (the whole image
+        when it is not tiled), or with ``crop`` over the bounding box of its mask only.
+
+        Works on NumPy, Zarr and dask arrays; only the tiles that prompts touch are read
+        and encoded. ``limits`` as in :func:`normalize.image_limits`. Without ``crop``
+        every result holds a tile of float32 logits (4 MB for a 1008 px tile): fine for
+        a few objects; :meth:`iter_objects` and :meth:`segment` scale to thousands.
+        """
+        shape = tuple(image.shape[:2])
+        prompts = as_prompts(prompts, shape)
+        results: list[ObjectMask | None] = [None] * len(prompts)
+        for _later, objects in self._objects_by_tile(image, prompts, limits, crop):
+            for i, obj in objects:
+                results[i] = obj
+        return results
+
+    def iter_objects(self, image, prompts: Sequence[ObjectPrompt], limits=None, *,
+                     crop: bool = True) -> Iterator[tuple[int, ObjectMask]]:
+        """Yields ``(i, ObjectMask)`` for prompt i as objects are decoded, tile by tile.
+
+        With ``crop`` (default) each object's logits cover only the bounding box of its
+        mask (logits > 0; an empty mask has a 0x0 region), so what the caller keeps
+        costs the objects' sizes, and the decoder's working memory is bounded by one
+        batch (``DECODE_BATCH`` objects, ``UPSAMPLE_BYTES`` of full-size logits), not
+        by the number of objects. Prompts are checked before anything is decoded.
+        """
+        prompts = as_prompts(prompts, tuple(image.shape[:2]))
+        for _later, objects in self._objects_by_tile(image, prompts, limits, crop):
+            yield from objects
+
+    def _objects_by_tile(self, image, prompts: list[ObjectPrompt], limits, crop: bool):
+        """Per tile that prompts need, in grid order: ``(later, objects)``, ``later`` the
+        boxes (row0, col0, row1, col1) of the tiles still to come, ``objects`` a generator
+        of ``(i, ObjectMask)`` in image coordinates. Every prompt is checked up front."""
+        shape = tuple(image.shape[:2])
+        grid = self.tiles(image)
+        if grid.single:
+            for p in prompts:
+                p.check_inside(shape)
+            yield (), self._decode(self.encode(image, limits), prompts, crop=crop)
+            return
+        limits = self.resolve_limits(image, limits)
+        by_tile: dict[Tile, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_tile.setdefault(grid.route(prompt_bbox(p)), []).append(i)
+        order = [t for t in grid.tiles if t in by_tile]
+        for tile in order:  # in the tile's frame too, before anything is decoded or written
+            for i in by_tile[tile]:
+                _to_tile_frame(prompts[i], tile, grid.padded_shape(tile), mask=False
+                               ).check_inside(grid.padded_shape(tile))
+        for k, tile in enumerate(order):
+            later = tuple((t.r0, t.c0, t.r1, t.c1) for t in order[k + 1:])
+            yield later, self._tile_objects(image, grid, tile, by_tile[tile], prompts, limits,
+                                            crop)
+
+    def _tile_objects(self, image, grid, tile: Tile, idx, prompts, limits, crop: bool):
+        emb = self.encode_tile(image, grid, tile, limits)
+        local = [_to_tile_frame(prompts[i], tile, grid.padded_shape(tile)) for i in idx]
+        for j, obj in self._decode(emb, local, valid=tile.shape, crop=crop):
+            yield idx[j], obj.shifted(tile.r0, tile.c0)
+
+    def _decode(self, embedding: ImageEmbedding, prompts: Sequence[ObjectPrompt],
+                valid=None, crop: bool = False) -> Iterator[tuple[int, ObjectMask]]:
+        """``(i, ObjectMask)`` for each prompt, in the embedding's frame, batch by batch.
+
+        Prompts of one kind go to the decoder ``DECODE_BATCH`` at a time (it copies the
+        image features for every object, ~30 MB each at full size). ``valid``: the
+        (h, w) image part of the embedding (the rest is tile padding, cut off);
+        ``crop``: keep only the bounding box of each mask.
+        """
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(prompts):
             sig = ("mask", i) if p.mask is not None else (
                 p.uses_multimask, p.box is not None, len(p.points))
             groups.setdefault(sig, []).append(i)
         for idx in groups.values():
-            for i, pred in zip(idx, self._decode_group(embedding, [prompts[i] for i in idx]),
-                               strict=True):
-                results[i] = pred
-        return results
-
-    def predict_objects(self, image, prompts: Sequence[ObjectPrompt], limits=None
-                        ) -> list[ObjectMask]:
-        """Each object's mask logits over the tile that holds its prompts.
-
-        Works on NumPy, Zarr and dask arrays; only the tiles that prompts touch are read
-        and encoded. ``limits`` as in :func:`normalize.image_limits`.
-        """
-        prompts = [p if isinstance(p, ObjectPrompt) else ObjectPrompt(**p) for p in prompts]
-        shape = tuple(image.shape[:2])
-        for p in prompts:
-            p.check_inside(shape)
-        grid = self.tiles(image)
-        if grid.single:
-            emb = self.encode(image, limits)
-            return [ObjectMask((slice(0, shape[0]), slice(0, shape[1])), pr.logits,
-                               pr.iou_score, pr.object_score)
-                    for pr in self.predict(emb, prompts)]
-        limits = self.resolve_limits(image, limits)
-        by_tile: dict[Tile, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_tile.setdefault(grid.route(prompt_bbox(p)), []).append(i)
-        results: list[ObjectMask | None] = [None] * len(prompts)
-        for tile, idx in by_tile.items():
-            emb = self.encode_tile(image, grid, tile, limits)
-            local = [_to_tile_frame(prompts[i], tile, grid.padded_shape(tile)) for i in idx]
-            h, w = tile.shape
-            for i, pr in zip(idx, self.predict(emb, local), strict=True):
-                results[i] = ObjectMask(tile.slices, pr.logits[:h, :w], pr.iou_score,
-                                        pr.object_score)
-        return results
+            for start in range(0, len(idx), DECODE_BATCH):
+                part = idx[start:start + DECODE_BATCH]
+                batch = self._decode_group(embedding, [prompts[i] for i in part], valid, crop)
+                yield from zip(part, batch, strict=True)
 
     def _prompt_tensors(self, shape, prompts: Sequence[ObjectPrompt]) -> dict:
         """Processor tensors for one batch of objects: the only route from prompts to SAM."""
@@ -329,7 +389,15 @@ class Sam3Segmenter(TiledModel):
         m = F.interpolate(m, size=tuple(side), mode="area").clamp(_MASK_EPS, 1 - _MASK_EPS)
         return torch.logit(m)
 
-    def _decode_group(self, embedding: ImageEmbedding, prompts: Sequence[ObjectPrompt]):
+    def _decode_group(self, embedding: ImageEmbedding, prompts: Sequence[ObjectPrompt],
+                      valid=None, crop: bool = False) -> Iterator[ObjectMask]:
+        """One decoder call for prompts of one kind; the low-resolution masks are then
+        upsampled to the image a few at a time (``UPSAMPLE_BYTES``), each cut to ``valid``
+        (and with ``crop`` to its box) and copied, so no full-size batch outlives its
+        step; freed heap memory goes back to the system after each step.
+
+        Later, on a GPU: upsample and find the boxes on the device and copy only the
+        crops to the host (not done: today every upsampled batch comes to the CPU)."""
         import torch
 
         multimask = prompts[0].uses_multimask
@@ -346,13 +414,23 @@ class Sam3Segmenter(TiledModel):
             masks, ious = out.pred_masks[0], out.iou_scores[0]  # (P, M, h, w), (P, M)
             best = ious.argmax(dim=-1)
             rows = torch.arange(masks.shape[0], device=masks.device)
-            masks = masks[rows, best][:, None].float()  # (P, 1, h, w)
-            best_iou = ious[rows, best].float()
-            logits = self.processor.post_process_masks(
-                [masks.cpu()], [list(embedding.image_shape)], binarize=False)[0][:, 0]
+            masks = masks[rows, best][:, None].float().cpu()  # (P, 1, h, w), low resolution
+            best_iou = ious[rows, best].float().cpu()
             obj = out.object_score_logits[0, :, 0].float().cpu()
-        return [MaskPrediction(logits=logits[i].numpy(), iou_score=float(best_iou[i]),
-                               object_score=float(obj[i])) for i in range(len(prompts))]
+        del out
+        shape = tuple(embedding.image_shape)
+        h, w = shape if valid is None else (int(valid[0]), int(valid[1]))
+        step = max(1, UPSAMPLE_BYTES // (4 * shape[0] * shape[1]))
+        for start in range(0, len(prompts), step):
+            with torch.inference_mode():
+                up = self.processor.post_process_masks(
+                    [masks[start:start + step]], [list(shape)], binarize=False)[0][:, 0]
+            crops = _own_copies(up.numpy(), (h, w), crop)
+            del up  # freed before the next step
+            for j, (region, logits) in enumerate(crops, start):
+                yield ObjectMask(region, logits, float(best_iou[j]), float(obj[j]))
+            del crops
+            trim_heap()  # else heap fragmentation makes resident memory grow with the count
 
     # -- z-stacks and time series -----------------------------------------------------------
     def video_tracker(self):
@@ -371,27 +449,40 @@ class Sam3Segmenter(TiledModel):
         """Track objects through a stack; yields a ``SliceResult`` per slice as it comes.
 
         ``prompts_by_slice``: ``{slice: {id: ObjectPrompt}}`` (or ``{slice: [prompts]}``,
-        ids 1, 2, ...). Every prompted slice conditions the tracker. The forward pass
-        starts at the first prompted slice in ``[start, stop)``; the backward pass at
-        the last one (``"both"``: at the first, as SAM does). An object stops being
-        followed after ``stop_after`` slices in a row with object score below
-        ``score_threshold``; a pass ends when all its objects are gone.
+        ids 1, 2, ...). Every prompted slice conditions the tracker. Slices ``start`` to
+        ``stop - 1`` are tracked (``stop`` exclusive, as in Python). The forward pass
+        starts at the first prompted slice in that range; the backward pass at the last
+        one (``"both"``: at the slice before the first, so each slice comes once). An
+        object stops being followed after ``stop_after`` slices in a row with object
+        score below ``score_threshold``; a pass ends when all its objects are gone.
+        Arguments are checked here, before the first slice is tracked.
         """
-        from .propagation import DIRECTIONS, StackFrames, normalize_prompts, stack_limits
+        from .propagation import DIRECTIONS, StackFrames, normalize_prompts
 
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}")
         frames = StackFrames(stack, axis, fixed)
-        prompts = normalize_prompts(prompts_by_slice)
         depth, plane = len(frames), frames.shape[:2]
-        start, stop = (0 if start is None else int(start)), (depth if stop is None else int(stop))
+        prompts = normalize_prompts(prompts_by_slice, plane)
+        start = 0 if start is None else whole_number("start", start)
+        stop = depth if stop is None else whole_number("stop", stop)
         if not 0 <= start < stop <= depth:
             raise PromptError(f"slice range {start}-{stop - 1} is outside the stack of {depth}")
-        for k, objs in prompts.items():
+        for k in prompts:
             if not 0 <= k < depth:
                 raise PromptError(f"slice {k} is outside the stack of {depth} slices")
-            for p in objs.values():
-                p.check_inside(plane)
+        finite_number("score_threshold", score_threshold)
+        stop_after = whole_number("stop_after", stop_after, 1)
+        if limits is not None:
+            check_limits(limits)
+        return self._iter_propagate(frames, prompts, direction, start, stop, limits,
+                                    score_threshold, stop_after)
+
+    def _iter_propagate(self, frames, prompts, direction, start, stop, limits,
+                        score_threshold, stop_after):
+        from .propagation import stack_limits
+
+        plane = frames.shape[:2]
         limits = stack_limits(frames, limits)
         grid = TileGrid(plane, self.tile_size, self.overlap)
         groups: dict[Tile, list[int]] = {}
@@ -421,10 +512,15 @@ class Sam3Segmenter(TiledModel):
         from .propagation import StackFrames
 
         frames = StackFrames(stack, axis, kwargs.get("fixed"))
+        shape = (len(frames),) + tuple(frames.shape[:2])
+        if out is not None:
+            labels_shape("out", out, shape)
+        cleanup_areas(max_hole_area, max_sprinkle_area)
+        results = self.iter_propagate(stack, prompts_by_slice, axis, direction, start, stop,
+                                      **kwargs)
         if out is None:
-            out = np.zeros((len(frames),) + tuple(frames.shape[:2]), dtype=np.int32)
-        for result in self.iter_propagate(stack, prompts_by_slice, axis, direction, start, stop,
-                                          **kwargs):
+            out = np.zeros(shape, dtype=np.int32)
+        for result in results:
             write_slice(out, result, max_hole_area, max_sprinkle_area)
         return out
 
@@ -455,15 +551,28 @@ class Sam3Segmenter(TiledModel):
         the same image reuse its embeddings. Overlaps go to the object with the highest
         mask logit. ``out``: an existing (H, W) array (e.g. Zarr) to write into, region
         by region, instead of allocating the whole label image.
+
+        Objects are decoded tile by tile and merged as they come (a running best-logit
+        map, see :func:`postprocess.paste_objects`), so memory is bounded by a tile and a
+        decoder batch, not by the number of objects; the labels of a tile are written
+        once no later tile overlaps them (an error midway leaves those in ``out``).
         """
-        prompts = [p if isinstance(p, ObjectPrompt) else ObjectPrompt(**p) for p in prompts]
         shape = tuple(image.shape[:2])
-        objects = self.predict_objects(image, prompts, limits) if prompts else []
+        prompts, ids = _checked_objects(prompts, shape, ids, out, max_hole_area, max_sprinkle_area)
+        objects = self._paste_stream(image, prompts, limits) if prompts else []
         if out is None:
             out = np.zeros(shape, dtype=np.int32)
-        paste_objects(out, [(o.region, o.logits) for o in objects], ids,
+        paste_objects(out, objects, ids,
                       max_hole_area=max_hole_area, max_sprinkle_area=max_sprinkle_area)
         return out
+
+    def _paste_stream(self, image, prompts, limits):
+        """What :func:`paste_objects` takes from :meth:`segment`: ``(region, logits, i)``
+        per object, cropped, and after each tile a :class:`Flush` of what is final."""
+        for later, objects in self._objects_by_tile(image, prompts, limits, crop=True):
+            for i, obj in objects:
+                yield obj.region, obj.logits, i
+            yield Flush(later)
 
 
 def write_slice(out, result, max_hole_area: int = 0, max_sprinkle_area: int = 0) -> None:
@@ -478,9 +587,25 @@ def write_slice(out, result, max_hole_area: int = 0, max_sprinkle_area: int = 0)
     out[window] = region
 
 
-def _to_tile_frame(prompt: ObjectPrompt, tile: Tile, padded_shape) -> ObjectPrompt:
+def _own_copies(logits: np.ndarray, valid, crop: bool) -> list:
+    """``(region, logits)`` per object of an (N, H, W) batch, cut to the ``valid`` (h, w)
+    part and with ``crop`` to the mask's box; copies, so the batch can be freed."""
+    h, w = valid
+    out = []
+    for lg in logits[:, :h, :w]:
+        region = mask_box(lg > 0) if crop else (slice(0, h), slice(0, w))
+        out.append((region, np.array(lg[region], dtype=np.float32)))
+    return out
+
+
+def _to_tile_frame(prompt: ObjectPrompt, tile: Tile, padded_shape, mask: bool = True
+                   ) -> ObjectPrompt:
+    """``prompt`` in the frame of ``tile`` (padded to ``padded_shape``); ``mask=False``
+    leaves out a mask prompt's crop (for checking points and boxes only)."""
     local = prompt.shifted(tile.r0, tile.c0)
-    if prompt.mask is not None:
+    if prompt.mask is not None and not mask:
+        local.mask = None
+    elif prompt.mask is not None:
         crop = np.zeros(padded_shape, dtype=bool)
         h, w = tile.shape
         crop[:h, :w] = prompt.mask[tile.slices]
@@ -493,6 +618,16 @@ def _to_tile_frame(prompt: ObjectPrompt, tile: Tile, padded_shape) -> ObjectProm
         if keep.any():
             local.points, local.point_labels = local.points[keep], local.point_labels[keep]
     return local
+
+
+def _checked_objects(prompts, shape, ids, out, max_hole_area, max_sprinkle_area):
+    """``segment``'s arguments checked: (ObjectPrompts inside ``shape``, ids or None)."""
+    prompts = list(prompts)
+    ids = None if ids is None else label_ids(ids, len(prompts))
+    if out is not None:
+        labels_shape("out", out, shape)
+    cleanup_areas(max_hole_area, max_sprinkle_area)
+    return as_prompts(prompts, shape, ids), ids
 
 
 def _limits_meta(limits):

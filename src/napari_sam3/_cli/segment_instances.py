@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .cache import optional_cache
-from .errors import reported_as_failed, warn
+from .errors import CliError, reported_as_failed, warn
 from .inputs import Input, resolve_limits
 from .models import load_concept, load_segmenter
 from .output import (
@@ -75,13 +75,16 @@ def segment_instances(args, mode: str, inp: Input) -> int:
     else:
         from ..everything import SETTINGS, generate_everything
 
-        model = load_segmenter(args, cache, warn)
         chosen = {
             name: getattr(args, name)
             for name in (*EVERYTHING_OPTIONS, "min_area")
             if getattr(args, name) is not None
         }
-        everything = replace(SETTINGS, **chosen, **post)
+        try:  # bad settings (e.g. --points-per-side above its maximum) before the model loads
+            everything = replace(SETTINGS, **chosen, **post)
+        except ValueError as e:
+            raise CliError(f"--everything: {e}") from None
+        model = load_segmenter(args, cache, warn)
         settings = dict(everything.__dict__)
         n_steps = -(-(everything.points_per_side**2) // everything.points_per_batch)
 
