@@ -187,8 +187,56 @@ def test_bad_suffix_and_bad_labels(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="integer"):
         io.write_labels(tmp_path / "f.tif", lab.astype(np.float32))
-    with pytest.raises(ValueError, match="2D"):
-        io.write_labels(tmp_path / "x.zarr", np.ones((2, 2, 2, 2), np.int32))
+    with pytest.raises(ValueError, match="2 to 5 dimensions"):  # 4D and 5D are written
+        io.write_labels(tmp_path / "x.zarr", np.ones((2,) * 6, np.int32))
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".tif"])
+def test_tzyx_and_tczyx_labels_round_trip_with_named_axes(tmp_path, suffix):
+    import json
+
+    rng = np.random.default_rng(0)
+    tzyx = rng.integers(0, 5, (3, 4, 6, 7)).astype(np.int32)
+    path = io.write_labels(tmp_path / f"tzyx{suffix}", tzyx)
+    np.testing.assert_array_equal(io.read_labels(path), tzyx)
+    tczyx = rng.integers(0, 5, (2, 3, 4, 6, 7)).astype(np.int32)
+    out = tmp_path / f"tczyx{suffix}"
+    if suffix == ".zarr":
+        io.write_labels_zarr(out, tczyx, axes="tczyx")
+        np.testing.assert_array_equal(io.read_labels(out), tczyx)
+        attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+        axes = attrs["multiscales"][0]["axes"]
+        assert [a["name"] for a in axes] == list("tczyx")
+        assert [a["type"] for a in axes] == ["time", "channel", "space", "space", "space"]
+    else:
+        io.write_labels_tif(out, tczyx, axes="tczyx")
+        with tifffile.TiffFile(out) as tif:  # ImageJ's hyperstack order is T, Z, C
+            assert tif.is_imagej and tif.series[0].axes == "TZCYX"
+            np.testing.assert_array_equal(tif.asarray(), np.transpose(tczyx, (0, 2, 1, 3, 4)))
+    assert io.label_axes(4, ("t", "z", "y", "x")) == "tzyx"
+    assert io.label_axes(4, ("0", "1", "2", "3")) == "tzyx"  # napari's default labels
+    assert io.label_axes(3, ("c", "y", "x")) == "cyx"
+    assert io.label_axes(3, ("y", "z", "x")) == "zyx"  # not NGFF order: the default
+
+
+def test_overwrite_replaces_only_labels_outputs_of_the_same_kind(tmp_path):
+    lab = np.ones((4, 4), np.int32)
+    image = tmp_path / "proj.zarr"  # someone's image Zarr, with other files in it
+    (image / "raw").mkdir(parents=True)
+    (image / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    (image / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a labels output"):
+        io.write_labels(image, lab, overwrite=True)
+    assert (image / "notes.txt").read_text() == "keep me" and (image / "raw").is_dir()
+    folder_tif = tmp_path / "X.tif"
+    folder_tif.mkdir()
+    (folder_tif / "data.bin").write_bytes(b"1")
+    with pytest.raises(FileExistsError, match="not a labels output"):
+        io.write_labels(folder_tif, lab, overwrite=True)
+    assert (folder_tif / "data.bin").exists()
+    ours = io.write_labels(tmp_path / "ours.zarr", lab)
+    io.write_labels(ours, lab * 2, overwrite=True)  # our own output: replaced
+    np.testing.assert_array_equal(io.read_labels(ours), lab * 2)
 
 
 # ------------------------------------------------------------------- read_image

@@ -5,16 +5,23 @@ in front of this store.
 
 Layout of a store (a local folder)::
 
-    embeddings.zarr/              group; attrs: {"napari_sam3": {"format_version": 1, ...}}
+    embeddings.zarr/              group; attrs: {"napari_sam3": {"kind": STORE_KIND,
+                                  "format_version": 1, ...}}: the marker of our stores
       tiles/<key>/                one group per encoded tile or slice; attrs: model,
         0, 1, 2                   preprocessing, shapes, dtype and a checksum per array;
                                   each array (C, h, w) is a single chunk
-      tmp/                        entries being written
+      tmp/<key>.<uuid>/           entries being written
 
 ``key`` is a hash of the tile's pixels as handed to the model (after
 normalisation and padding), the model fingerprint and the settings that change
 the features (input size, compute dtype, storage dtype), so an edited image,
 another model or other settings never get stale features.
+
+Whose files: a location is used only if it does not exist, is an empty folder, or
+already holds a store of ours (recognised by the marker in its ``zarr.json``); a
+folder of other files, another Zarr store or a store of another format version is
+refused (one warning, memory only). ``clear`` deletes only what a store writes:
+key-named entries in ``tiles/`` and leftovers in ``tmp/``, never other files.
 
 Crash safety: an entry is written under ``tmp/`` and renamed into ``tiles/``
 in one step, so a killed writer leaves no entry that reads as valid and a
@@ -22,6 +29,11 @@ second process writing the same key loses the rename race harmlessly. Every
 read checks the checksums; a corrupt entry is deleted and recomputed. If the
 folder cannot be created or written (read-only, disk full), the store warns
 once and keeps working in memory.
+
+Leftovers: a killed writer leaves its ``tmp/`` entry behind. Several processes (or
+machines) share a store, so a leftover is told from a write in progress by age alone:
+older than :data:`ORPHAN_AGE_S` (24 h; writing one entry takes seconds). Opening a
+store for writing and ``clear`` remove them; ``orphans`` lists them.
 """
 
 from __future__ import annotations
@@ -29,7 +41,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -38,6 +52,13 @@ import numpy as np
 
 FORMAT_VERSION = 1
 STORE_KIND = "napari-sam3 image embeddings"
+#: A ``tmp/`` entry older than this (seconds) is a killed writer's leftover.
+ORPHAN_AGE_S = 24 * 3600
+
+_KEY = re.compile(r"[0-9a-f]{16,128}")  # a hex digest, e.g. cache.content_key's
+_TMP = re.compile(r"(?:[0-9a-f]{16,128}\.|\.probe-)[0-9a-f]{32}")  # _write's, _open's
+_NOT_OURS = "that is not a napari-sam3 embedding cache"
+_OS_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # a folder holding only these is empty
 
 
 class CacheWarning(UserWarning):
@@ -54,6 +75,84 @@ def checksum(arr: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(arr).data, digest_size=16).hexdigest()
 
 
+def _zarr_json(folder: Path) -> dict:
+    """``folder/zarr.json`` parsed (OSError or ValueError if it cannot be)."""
+    meta = json.loads((folder / "zarr.json").read_text(encoding="utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    return meta
+
+
+def _marker(path: Path) -> tuple[dict | None, str | None]:
+    """(our marker attributes, None) if the folder ``path`` is a store of ours (any format
+    version), else (None, what it is instead). Reads ``zarr.json`` only."""
+    if not (path / "zarr.json").is_file():
+        return None, f"a folder {_NOT_OURS}"
+    try:
+        meta = _zarr_json(path)
+    except (OSError, ValueError) as e:
+        return None, (f"a folder with an unreadable zarr.json ({_reason(e)}), not "
+                      "recognisable as a napari-sam3 embedding cache")
+    if meta.get("node_type") == "array":
+        return None, f"a Zarr array {_NOT_OURS}"
+    attrs = meta.get("attributes")
+    ours = attrs.get("napari_sam3") if isinstance(attrs, dict) else None
+    if meta.get("node_type") != "group" or not isinstance(ours, dict) \
+            or ours.get("kind") != STORE_KIND:
+        return None, f"a Zarr store {_NOT_OURS}"
+    return ours, None
+
+
+def _is_newer(marker: dict) -> bool:
+    version = marker.get("format_version")
+    return isinstance(version, int) and version > FORMAT_VERSION
+
+
+def _version_problem(marker: dict, path: Path) -> str | None:
+    version = marker.get("format_version")
+    if version == FORMAT_VERSION:
+        return None
+    if _is_newer(marker):
+        return (f"a napari-sam3 embedding cache of a newer format ({version}; this version "
+                f"uses {FORMAT_VERSION}): use the napari-sam3 that wrote it, or choose "
+                "another location")
+    return (f"a napari-sam3 embedding cache of an older format ({version}; this version uses "
+            f"{FORMAT_VERSION}): clear it ('napari-sam3 cache clear --cache {path}'), or "
+            "choose another location")
+
+
+def location_problem(path) -> str | None:
+    """Why the folder ``path`` cannot hold an embedding cache, or None; changes nothing.
+
+    Usable: a folder that does not exist yet (in a writable place), an empty folder, or a
+    store of ours of this format version. Anything else holds files that are not ours.
+    """
+    path = Path(path).expanduser()
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return "not a folder" if existing == path else f"{existing} is not a folder"
+    if existing == path and any(p.name not in _OS_FILES for p in path.iterdir()):
+        marker, other = _marker(path)
+        if other is not None:
+            return f"{other}; choose an empty or new folder"
+        if problem := _version_problem(marker, path):
+            return problem
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def _age_s(path: Path) -> float:
+    return time.time() - path.lstat().st_mtime
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 class EmbeddingStore:
     """get/put of per-tile feature lists (NumPy arrays, batch dimension dropped)."""
 
@@ -65,35 +164,57 @@ class EmbeddingStore:
         self.path: Path | None = None
         self.disk_reads = 0
         self.disk_writes = 0
+        self.format_problem: str | None = None  # a store of an older format (``existing``)
         if path is not None:
+            path = Path(path).expanduser()
             try:
-                self._open(Path(path).expanduser())
-            except OSError as e:
+                if problem := location_problem(path):
+                    self._disable(f"cannot use the embedding cache at {path} ({problem})")
+                else:
+                    self._open(path)
+            except Exception as e:  # noqa: BLE001 - a cache problem never stops the work
                 self._disable(f"cannot use the embedding cache at {path} ({_reason(e)})")
+
+    @classmethod
+    def existing(cls, path) -> EmbeddingStore:
+        """The store of ours at ``path``, of this or an older format version, to inspect
+        or clear; creates and changes nothing. ValueError saying what ``path`` is otherwise
+        (a newer version's store included: its layout is not ours to know)."""
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise ValueError("not a folder")
+        marker, other = _marker(path)
+        if other is not None:
+            raise ValueError(other)
+        if _is_newer(marker):
+            raise ValueError(_version_problem(marker, path))
+        store = cls(None)
+        store.path = path
+        store.format_problem = _version_problem(marker, path)
+        return store
 
     # -- set-up -----------------------------------------------------------------------------
     def _open(self, path: Path) -> None:
-        import zarr
-
-        if path.exists() and (path / "zarr.json").is_file():
-            attrs = zarr.open_group(path, mode="r").attrs.asdict().get("napari_sam3", {})
-            if attrs.get("kind") != STORE_KIND:
-                raise OSError(f"{path} is a Zarr store but not a napari-sam3 embedding cache")
-            if attrs.get("format_version") != FORMAT_VERSION:
-                raise OSError(f"cache format {attrs.get('format_version')} is not "
-                              f"{FORMAT_VERSION}; clear it or choose another location")
-        else:
+        if not (path / "zarr.json").is_file():
             path.mkdir(parents=True, exist_ok=True)
-            zarr.open_group(path, mode="a", zarr_format=3, attributes={"napari_sam3": {
-                "kind": STORE_KIND, "format_version": FORMAT_VERSION,
-                "layout": "tiles/<key>/{0,1,2}: (C, h, w) one chunk each",
-            }})
+            self._write_marker(path)
         for sub in ("tiles", "tmp"):
             (path / sub).mkdir(exist_ok=True)
         probe = path / "tmp" / f".probe-{uuid.uuid4().hex}"
         probe.write_bytes(b"")  # fails early on a read-only location
         probe.unlink()
         self.path = path
+        self._remove_orphans()
+
+    @staticmethod
+    def _write_marker(path: Path) -> None:
+        import zarr
+
+        group = zarr.open_group(path, mode="a", zarr_format=3)  # creates or keeps the group
+        group.attrs["napari_sam3"] = {
+            "kind": STORE_KIND, "format_version": FORMAT_VERSION,
+            "layout": "tiles/<key>/{0,1,2}: (C, h, w) one chunk each",
+        }
 
     def _disable(self, message: str) -> None:
         self.path = None
@@ -105,7 +226,7 @@ class EmbeddingStore:
 
     # -- public -----------------------------------------------------------------------------
     def get(self, key: str) -> list[np.ndarray] | None:
-        return None if self.path is None else self._read(key)
+        return None if self.path is None else self._read(_checked(key))
 
     def contains(self, key: str) -> bool:
         """Cheap check (no read, no checksum) for precompute planning."""
@@ -118,31 +239,61 @@ class EmbeddingStore:
             return list(feats)
         stored = [np.ascontiguousarray(f, dtype=self.storage_dtype) for f in feats]
         try:
-            self._write(key, stored, meta or {})
+            self._write(_checked(key), stored, meta or {})
         except OSError as e:
             self._disable(f"cannot write the embedding cache at {self.path} ({_reason(e)})")
             return list(feats)
         return stored
 
-    def clear(self) -> None:
-        """Drop every entry on disk."""
-        if self.path is not None:
-            for sub in ("tiles", "tmp"):
-                shutil.rmtree(self.path / sub, ignore_errors=True)
-                (self.path / sub).mkdir(exist_ok=True)
-
-    def disk_entries(self) -> list[str]:
-        if self.path is None:
-            return []
-        return sorted(p.name for p in (self.path / "tiles").iterdir()
-                      if (p / "zarr.json").is_file())
-
-    def disk_bytes(self) -> int:
+    def clear(self) -> int:
+        """Delete every entry and every leftover (:meth:`orphans`) this store wrote, and
+        nothing else: other files in the folder stay, and so do other processes' writes in
+        progress. A store of an older format version is then marked as this version's.
+        Returns the number of leftovers removed."""
         if self.path is None:
             return 0
-        return sum(f.stat().st_size for f in (self.path / "tiles").rglob("*") if f.is_file())
+        for entry in self._entry_dirs():
+            shutil.rmtree(entry, ignore_errors=True)
+        removed = self._remove_orphans()
+        if self.format_problem is not None:
+            self._write_marker(self.path)
+            self.format_problem = None
+        return removed
+
+    def disk_entries(self) -> list[str]:
+        return sorted(p.name for p in self._entry_dirs())
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for entry in self._entry_dirs()
+                   for f in entry.rglob("*") if f.is_file())
+
+    def orphans(self) -> list[Path]:
+        """Leftovers of killed writers: our ``tmp/`` entries older than ORPHAN_AGE_S."""
+        if self.path is None or not (self.path / "tmp").is_dir():
+            return []
+        found = []
+        for p in (self.path / "tmp").iterdir():
+            try:
+                if _TMP.fullmatch(p.name) and _age_s(p) > ORPHAN_AGE_S:
+                    found.append(p)
+            except OSError:  # removed meanwhile by another process
+                pass
+        return sorted(found)
 
     # -- disk -------------------------------------------------------------------------------
+    def _entry_dirs(self) -> list[Path]:
+        """Entries we wrote: key-named folders in ``tiles/`` with our entry attributes."""
+        if self.path is None or not (self.path / "tiles").is_dir():
+            return []
+        return [p for p in (self.path / "tiles").iterdir()
+                if _KEY.fullmatch(p.name) and not p.is_symlink() and _is_entry(p)]
+
+    def _remove_orphans(self) -> int:
+        found = self.orphans()
+        for p in found:
+            _remove(p)
+        return len(found)
+
     def _write(self, key: str, feats: list[np.ndarray], meta: dict) -> None:
         import zarr
 
@@ -188,8 +339,29 @@ class EmbeddingStore:
         return feats
 
 
-def _reason(e: OSError) -> str:
-    return e.strerror or str(e).splitlines()[0]
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _checked(key: str) -> str:
+    """Keys name folders: hex digests only (never a path of the caller's choosing)."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ValueError(f"embedding key must be a lowercase hex digest, got {key!r}")
+    return key
+
+
+def _is_entry(folder: Path) -> bool:
+    """True if ``folder/zarr.json`` is a group with the attributes ``_write`` gives it."""
+    try:
+        meta = _zarr_json(folder)
+        attrs = meta.get("attributes")
+        return meta.get("node_type") == "group" and isinstance(attrs, dict) \
+            and isinstance(attrs.get("checksums"), list)
+    except (OSError, ValueError):
+        return False
 
 
 def _jsonable(obj):

@@ -11,6 +11,7 @@ labels), otherwise the wider stored dtype.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -22,8 +23,10 @@ import numpy as np
 __all__ = [
     "ImageReadError",
     "LABEL_SUFFIXES",
+    "LABELS_KIND",
     "IMAGE_SUFFIXES",
     "read_image",
+    "is_labels_zarr",
     "read_labels",
     "write_labels",
     "write_labels_tif",
@@ -35,11 +38,16 @@ ZARR_SUFFIXES = (".zarr",)
 LABEL_SUFFIXES = TIF_SUFFIXES + ZARR_SUFFIXES
 IMAGE_SUFFIXES = TIF_SUFFIXES + ZARR_SUFFIXES + (".png", ".jpg", ".jpeg", ".npy")
 
+#: Marker of the labels Zarrs we write: group attribute ``napari_sam3.kind``.
+LABELS_KIND = "napari-sam3 labels"
+
 #: Default chunk edge along y and x for Zarr output; z is chunked one plane at a time.
 DEFAULT_CHUNK_YX = 1024
 
 _UINT16_MAX = np.iinfo(np.uint16).max
-_AXES = {2: "yx", 3: "zyx"}
+_AXES = {2: "yx", 3: "zyx", 4: "tzyx", 5: "tczyx"}  # default axis names by dimension
+_AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+_IMAGEJ_ORDER = "tzcyx"  # ImageJ hyperstacks: TZCYX(S)
 
 
 class ImageReadError(ValueError):
@@ -54,10 +62,19 @@ def _suffix(path: str | os.PathLike) -> str:
 
 
 def _check_target(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to replace an existing path unless ``overwrite``; return it as a Path."""
+    """Refuse to replace an existing path unless ``overwrite``, and even then anything but
+    a labels output of the same kind: a TIFF file, or a labels Zarr we wrote. Never a
+    folder holding other data (an image Zarr, a project). Returns it as a Path."""
     p = Path(path)
-    if p.exists() and not overwrite:
-        raise FileExistsError(f"{p} already exists; pass overwrite=True to replace it")
+    if p.exists() or p.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{p} already exists; pass overwrite=True to replace it")
+        tif_file = p.is_file() and _suffix(p) in TIF_SUFFIXES
+        if not (tif_file or (_suffix(p) in ZARR_SUFFIXES and is_labels_zarr(p))):
+            raise FileExistsError(
+                f"{p} exists and is not a labels output of napari-sam3: it is never replaced "
+                "(choose another name)"
+            )
     return p
 
 
@@ -68,11 +85,27 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+def label_axes(ndim: int, names: Sequence[str] | None = None) -> str:
+    """The NGFF axis names of labels with ``ndim`` dimensions: ``names`` (e.g. a napari
+    layer's ``axis_labels``) when they are distinct names out of t, c, z, y, x ending in
+    y, x, in that order; otherwise yx, zyx, tzyx or tczyx."""
+    if ndim not in _AXES:
+        raise ValueError(
+            f"labels must have 2 to 5 dimensions (OME-NGFF's t, c, z, y, x), got {ndim}"
+        )
+    if names is not None:
+        given = "".join(str(n).lower() for n in names)
+        order = "tczyx"
+        if (len(given) == ndim == len(names) and given.endswith("yx") and len(set(given)) == ndim
+                and all(ch in order for ch in given)
+                and list(given) == sorted(given, key=order.index)):
+            return given
+    return _AXES[ndim]
+
+
 def _check_labels(labels: Any) -> np.dtype:
     """Validate shape/dtype of a label array-like and return its (integer) dtype."""
-    ndim = len(labels.shape)
-    if ndim not in _AXES:
-        raise ValueError(f"labels must be 2D (YX) or 3D (ZYX), got shape {tuple(labels.shape)}")
+    label_axes(len(labels.shape))
     dtype = np.dtype(labels.dtype)
     if dtype == np.bool_:
         return np.dtype(np.uint8)
@@ -102,7 +135,7 @@ def write_labels(
     chunks: int | Sequence[int] | None = None,
     overwrite: bool = False,
 ) -> str:
-    """Write a 2D/3D label image, choosing the format from the suffix.
+    """Write a 2D to 5D label image, choosing the format from the suffix.
 
     ``.tif``/``.tiff`` -> :func:`write_labels_tif`, ``.zarr`` -> :func:`write_labels_zarr`
     (``chunks`` only applies to Zarr). Returns the written path as a string.
@@ -118,7 +151,8 @@ def write_labels(
     )
 
 
-def write_labels_tif(path: str | os.PathLike, labels: Any, overwrite: bool = False) -> str:
+def write_labels_tif(path: str | os.PathLike, labels: Any, overwrite: bool = False, *,
+                     axes: Sequence[str] | None = None) -> str:
     """Write labels to a zlib-compressed TIFF, preserving every id exactly.
 
     Dtype choice: if all ids are in ``0..65535`` the file is ``uint16`` written with
@@ -126,8 +160,9 @@ def write_labels_tif(path: str | os.PathLike, labels: Any, overwrite: bool = Fal
     float32 would lose ids above 2**24). Otherwise (ids > 65535 or negative) it is
     ``int32`` (or the input's wider integer dtype if ids do not fit int32) as a plain
     TIFF with ``axes`` metadata, which ImageJ cannot open as a stack but tifffile,
-    napari and most tools read exactly. Axes are ``YX`` or ``ZYX``.
-    The whole array is loaded into memory. Returns the path as a string.
+    napari and most tools read exactly. Axes (see :func:`label_axes`) are stored in
+    ImageJ's T, Z, C order for uint16, as given otherwise. The whole array is loaded
+    into memory. Returns the path as a string.
     """
     import tifffile
 
@@ -136,14 +171,15 @@ def write_labels_tif(path: str | os.PathLike, labels: Any, overwrite: bool = Fal
     arr = np.asarray(labels)
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
-    axes = _AXES[arr.ndim].upper()
+    names = label_axes(arr.ndim, axes)
     lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
     if lo >= 0 and hi <= _UINT16_MAX:
-        data = arr.astype(np.uint16, copy=False)
-        kwargs: dict[str, Any] = {"imagej": True, "metadata": {"axes": axes}}
+        order = sorted(names, key=_IMAGEJ_ORDER.index)
+        data = np.transpose(arr, [names.index(a) for a in order]).astype(np.uint16, copy=False)
+        kwargs: dict[str, Any] = {"imagej": True, "metadata": {"axes": "".join(order).upper()}}
     else:
         data = _int32_if_fits(arr)
-        kwargs = {"metadata": {"axes": axes}}
+        kwargs = {"metadata": {"axes": names.upper()}}
     if p.exists():
         _remove(p)
     tifffile.imwrite(p, data, compression="zlib", **kwargs)
@@ -174,12 +210,15 @@ def create_labels_zarr(
     *,
     name: str | None = None,
     scale: Sequence[float] | None = None,
+    axes: Sequence[str] | None = None,
 ):
     """An empty (all 0) labels image as a Zarr v3 OME-NGFF-style group; returns array "0".
 
-    Group attributes carry ``multiscales`` (OME-NGFF 0.4 layout: axes ``y, x`` or
-    ``z, y, x``, one dataset ``"0"`` with a ``scale`` transform) plus ``image-label``;
-    the same multiscales also sit under ``ome`` (0.5 layout, the one for Zarr v3).
+    Group attributes carry ``multiscales`` (OME-NGFF 0.4 layout: 2 to 5 axes named by
+    :func:`label_axes`, e.g. ``y, x``, ``z, y, x`` or ``t, z, y, x``, one dataset ``"0"``
+    with a ``scale`` transform) plus ``image-label``;
+    the same multiscales also sit under ``ome`` (0.5 layout, the one for Zarr v3), and
+    ``napari_sam3.kind`` marks it as ours (:func:`is_labels_zarr`).
     Blosc/zstd compressed, chunked ``(1, 1024, 1024)``/``(1024, 1024)`` by default
     (clipped to the shape). Chunks never written stay 0 and take no disk, so the array
     can be filled region by region, far larger than memory.
@@ -190,15 +229,13 @@ def create_labels_zarr(
     p = _check_target(path, overwrite)
     shape = tuple(int(s) for s in shape)
     ndim = len(shape)
-    if ndim not in _AXES:
-        raise ValueError(f"labels must be 2D or 3D, got shape {shape}")
+    axes_names = label_axes(ndim, axes)
     chunk_shape = _normalize_chunks(chunks, shape)
     scale = [1.0] * ndim if scale is None else [float(s) for s in scale]
     if len(scale) != ndim:
         raise ValueError(f"scale {scale} does not match labels with {ndim} dimensions")
-    axes_names = _AXES[ndim]
     multiscale = {
-        "axes": [{"name": a, "type": "space"} for a in axes_names],
+        "axes": [{"name": a, "type": _AXIS_TYPES[a]} for a in axes_names],
         "datasets": [
             {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
         ],
@@ -208,6 +245,7 @@ def create_labels_zarr(
         "multiscales": [{"version": "0.4", **multiscale}],
         "image-label": {"version": "0.4"},
         "ome": {"version": "0.5", "multiscales": [multiscale], "image-label": {}},
+        "napari_sam3": {"kind": LABELS_KIND},
     }
     if p.exists():
         _remove(p)
@@ -231,6 +269,7 @@ def write_labels_zarr(
     *,
     name: str | None = None,
     scale: Sequence[float] | None = None,
+    axes: Sequence[str] | None = None,
 ) -> str:
     """Write labels as a Zarr v3 OME-NGFF-style image (see :func:`create_labels_zarr`).
 
@@ -241,13 +280,30 @@ def write_labels_zarr(
     src_dtype = _check_labels(labels)
     out_dtype = np.dtype(np.int32) if np.can_cast(src_dtype, np.int32) else src_dtype
     arr = create_labels_zarr(path, labels.shape, out_dtype, chunks, overwrite,
-                             name=name, scale=scale)
+                             name=name, scale=scale, axes=axes)
     if type(labels) is np.ndarray:  # in memory already: one write
         arr[...] = labels.astype(out_dtype, copy=False)
     else:
         for region in _chunk_regions(arr.shape, arr.chunks):
             arr[region] = np.asarray(labels[region]).astype(out_dtype, copy=False)
     return os.fspath(path)
+
+
+def is_labels_zarr(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a labels Zarr we wrote (:func:`create_labels_zarr`'s marker) that
+    holds nothing else: its ``zarr.json`` and array ``0`` (metadata and chunks ``c/``)."""
+    p = Path(path)
+    try:
+        meta = json.loads((p / "zarr.json").read_text(encoding="utf-8"))
+        ours = meta.get("attributes", {}).get("napari_sam3", {}).get("kind") == LABELS_KIND
+        return (
+            ours
+            and meta.get("node_type") == "group"
+            and {c.name for c in p.iterdir()} <= {"zarr.json", "0"}
+            and {c.name for c in (p / "0").iterdir()} <= {"zarr.json", "c"}
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _chunk_regions(shape: tuple[int, ...], chunks: tuple[int, ...]):

@@ -3,8 +3,6 @@ used, and the ``cache info`` / ``cache clear`` commands."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from .errors import CliError, warn
@@ -23,35 +21,13 @@ def cache_path(value: str | None) -> Path | None:
     return Path(value).expanduser()
 
 
-def _is_cache(path: Path) -> bool:
-    """True if ``path`` holds a napari-sam3 embedding cache (read-only check)."""
-    from ..embedding_store import STORE_KIND
+def cache_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be the cache, or None; changes nothing on disk. The store
+    decides (``embedding_store.location_problem``): a folder of other files, another Zarr
+    store, a store of another format version, a file, a place that cannot be written."""
+    from ..embedding_store import location_problem
 
-    try:
-        meta = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
-        return meta.get("attributes", {}).get("napari_sam3", {}).get("kind") == STORE_KIND
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def cache_problem(path: Path, strict: bool = False) -> str | None:
-    """Why ``path`` cannot be the cache, or None; changes nothing on disk.
-
-    Always refused: a folder of other data (the cache would be written into it). With
-    ``strict`` (precompute, before loading the model), also what the store itself would
-    refuse later: a file, a Zarr store of another kind, a place that cannot be written.
-    """
-    why = None
-    if path.is_dir() and not (path / "zarr.json").is_file() and any(path.iterdir()):
-        why = "a folder that is not a napari-sam3 embedding cache; choose an empty or new folder"
-    elif strict:
-        existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-        if not existing.is_dir():
-            why = "not a folder" if existing == path else f"{existing} is not a folder"
-        elif existing == path and (path / "zarr.json").is_file() and not _is_cache(path):
-            why = "a Zarr store that is not a napari-sam3 embedding cache"
-        elif not os.access(existing, os.W_OK | os.X_OK):
-            why = f"{existing} is not writable"
+    why = location_problem(path)
     return None if why is None else f"cannot use the embedding cache at {path} ({why})"
 
 
@@ -80,22 +56,26 @@ def _open_existing_cache(args):
     path = cache_path(args.cache)
     if not path.exists():
         return path, None
-    if not _is_cache(path):
-        raise CliError(f"{str(path)!r} is not a napari-sam3 embedding cache")
-    problems: list[str] = []
-    store = EmbeddingStore(path, on_warning=problems.append)
-    if problems:
-        raise CliError(problems[0].removesuffix(MEMORY_ONLY))
-    return path, store
+    try:
+        return path, EmbeddingStore.existing(path)
+    except ValueError as e:
+        raise CliError(f"{str(path)!r} is {e}") from None
 
 
 def cmd_cache_info(args) -> int:
+    from ..embedding_store import ORPHAN_AGE_S
+
     path, store = _open_existing_cache(args)
     entries = len(store.disk_entries()) if store else 0
     size = store.disk_bytes() if store else 0
+    orphans = len(store.orphans()) if store else 0
     print(f"cache: {path}{'' if store else ' (does not exist yet)'}")
+    if store and store.format_problem:
+        print(f"format: {store.format_problem}")
     print(f"entries: {entries}")
     print(f"size: {human_bytes(size)} ({size} bytes)")
+    print(f"leftovers: {orphans} (unfinished writes older than {ORPHAN_AGE_S // 3600} h; "
+          "'cache clear' or the next run that writes removes them)")
     return 0
 
 
@@ -105,6 +85,7 @@ def cmd_cache_clear(args) -> int:
         print(f"no cache at {path}; nothing to clear")
         return 0
     entries, size = len(store.disk_entries()), store.disk_bytes()
-    store.clear()
-    print(f"cleared {entries} entries ({human_bytes(size)}) from {path}")
+    leftovers = store.clear()
+    also = f" and {leftovers} leftover{'s' if leftovers != 1 else ''}" if leftovers else ""
+    print(f"cleared {entries} entries ({human_bytes(size)}){also} from {path}")
     return 0

@@ -1,30 +1,70 @@
 """What ``segment`` writes: OUT checked up front, built in a hidden staging folder and
 renamed into place (never a partial OUT), label images too large for memory, and the
-per-instance score tables (OUT.csv, or the Zarr labels group's attributes)."""
+per-instance score tables (OUT.csv, or the Zarr labels group's attributes).
+
+Overwrite rule: ``--overwrite`` replaces only an output of the same kind, a file for a
+TIFF OUT or OUT.csv, a labels Zarr we wrote (``io.is_labels_zarr``: our marker, nothing
+else inside) for a Zarr OUT; never the input image or a folder holding it.
+
+Leftovers: a killed run leaves its staging folder ``.OUT.napari-sam3-XXXX.partial``
+beside OUT; the next run to the same OUT removes those untouched for STALE_STAGING_S.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from .errors import CliError
+
+#: A staging folder with nothing written in it for this long (seconds) is a killed
+#: run's leftover. A TIFF output is written only when its run ends, so the limit must
+#: exceed the longest run: a week.
+STALE_STAGING_S = 7 * 24 * 3600
+_STAGING_TAG, _STAGING_SUFFIX = ".napari-sam3-", ".partial"
 
 
 def _exists_error(shown: str) -> CliError:
     return CliError(f"{shown} already exists (pass --overwrite to replace it)")
 
 
-def _check_replaceable(path: Path, shown: str, image_path: str, overwrite: bool) -> None:
-    """Refuse an existing ``path`` without --overwrite, and the input image always."""
+def _not_replaceable(path: Path, image_path: str | None) -> str | None:
+    """Why --overwrite may not replace the existing ``path``, or None."""
+    from .. import io
+
+    target = path.resolve()
+    if image_path is not None:
+        image = Path(image_path).resolve()
+        if image == target:
+            return "it is the input image"
+        if target in image.parents:
+            return f"it holds the input image {image_path!r}"
+    if path.suffix.lower() in io.ZARR_SUFFIXES:
+        if io.is_labels_zarr(path):
+            return None
+        return "it is not a labels Zarr written by napari-sam3, or holds other files"
+    if path.is_file():
+        return None
+    return "it is a folder, not a file" if path.is_dir() else "it is not a regular file"
+
+
+def _check_replaceable(path: Path, shown: str, image_path: str | None, overwrite: bool) -> None:
+    """Refuse an existing ``path`` without --overwrite, and with it anything but an output
+    of the same kind (see the module's overwrite rule)."""
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise _exists_error(shown)
-        if path.resolve() == Path(image_path).resolve():
-            raise CliError(f"refusing to overwrite the input image {image_path!r}")
+        if why := _not_replaceable(path, image_path):
+            raise CliError(
+                f"refusing to overwrite {shown}: {why} (--overwrite only replaces a labels "
+                "file or a labels Zarr that napari-sam3 wrote)"
+            )
 
 
 def check_output(out: str, image_path: str, overwrite: bool) -> Path:
@@ -56,11 +96,40 @@ def scores_path(out: Path, image_path: str, overwrite: bool) -> Path | None:
     return csv_path
 
 
+def _newest_mtime(folder: Path) -> float:
+    newest = folder.lstat().st_mtime
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def stale_staging(out: Path) -> list[Path]:
+    """Staging folders of OUT that killed runs left: ours by name, untouched for longer
+    than STALE_STAGING_S (age alone: other runs may be writing to the same OUT)."""
+    pattern = re.compile(
+        re.escape(f".{out.name}{_STAGING_TAG}") + r"[a-z0-9_]+" + re.escape(_STAGING_SUFFIX)
+    )
+    found = []
+    for p in out.absolute().parent.iterdir():
+        with contextlib.suppress(OSError):  # removed meanwhile by another run
+            if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                if time.time() - _newest_mtime(p) > STALE_STAGING_S:
+                    found.append(p)
+    return sorted(found)
+
+
 @contextlib.contextmanager
 def staging(out: Path):
-    """A path named like OUT in a hidden sibling folder, removed on the way out."""
+    """A path named like OUT in a hidden sibling folder, removed on the way out; stale
+    staging folders of the same OUT go first."""
+    for old in stale_staging(out):
+        shutil.rmtree(old, ignore_errors=True)
     tmpdir = Path(
-        tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.absolute().parent)
+        tempfile.mkdtemp(
+            prefix=f".{out.name}{_STAGING_TAG}", suffix=_STAGING_SUFFIX, dir=out.absolute().parent
+        )
     )
     try:
         yield tmpdir / out.name  # same name, so e.g. the Zarr group is named after OUT
@@ -69,16 +138,14 @@ def staging(out: Path):
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
-    """Refuse an existing OUT without --overwrite (before committing what goes with it)."""
-    if not overwrite and (out.exists() or out.is_symlink()):
-        raise _exists_error(repr(str(out)))
+    """Refuse an OUT that may not be replaced (before committing what goes with it)."""
+    _check_replaceable(out, repr(str(out)), None, overwrite)
 
 
 def commit(staged: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished ``staged`` output into place: never a partial OUT."""
     if out.exists() or out.is_symlink():
-        if not overwrite:  # appeared while we were segmenting
-            raise _exists_error(repr(str(out)))
+        _check_replaceable(out, repr(str(out)), None, overwrite)  # may have appeared meanwhile
         if staged.is_file() and not out.is_dir():
             os.replace(staged, out)  # atomic
             return
@@ -197,6 +264,7 @@ def write_scores_attrs(path: Path, mode: str, settings: dict, rows: list[dict]) 
 
     group = zarr.open_group(path, mode="r+")
     group.attrs["napari_sam3"] = {
+        **group.attrs.get("napari_sam3", {}),  # io's marker: this labels Zarr is ours
         "mode": mode,
         "settings": _jsonable(settings),
         "instances": rows,

@@ -15,7 +15,7 @@ def cmd_precompute(args) -> int:
     inp = input_from_args(args)
     region = check_region(args.region, inp.plane_shape)
     cache = cache_path(args.cache)
-    if problem := cache_problem(cache, strict=True):
+    if problem := cache_problem(cache):
         raise CliError(f"precompute needs a usable cache: {problem}")
     limits = resolve_limits(inp, args.limits)
 
