@@ -40,3 +40,14 @@ def asym_image():
     img = np.stack([base, np.roll(base, 9, axis=1), base[::-1]], axis=-1)
     img += rng.normal(0, 20, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _scratch_in_pytest_tmp(tmp_path_factory):
+    """Scratch labels folders of large images (system temp) land in pytest's tmp."""
+    import tempfile
+
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("system-tmp"))
+    yield
+    tempfile.tempdir = before

@@ -326,15 +326,16 @@ class AxisView:
     def lead(self, k: int) -> tuple:
         return tuple(int(k) if a == self.axis else int(self.fixed[a]) for a in range(self.n_lead))
 
-    def _key(self, key):
+    def full_key(self, key):
+        """The key of the labels data that ``key`` (slice, rows, cols) of the view names."""
         key = key if isinstance(key, tuple) else (key,)
         return self.lead(key[0]) + tuple(key[1:])
 
     def __getitem__(self, key):
-        return self.data[self._key(key)]
+        return self.data[self.full_key(key)]
 
     def __setitem__(self, key, value) -> None:
-        self.data[self._key(key)] = value
+        self.data[self.full_key(key)] = value
 
 
 def to_image_coords_nd(layer, image_layer, coords, world_point=None) -> np.ndarray:

@@ -68,6 +68,7 @@ from napari.utils import notifications
 from qtpy.QtCore import QEvent, QTimer, Signal
 from qtpy.QtWidgets import QWidget
 
+from ._scratch_labels import ScratchFolders
 from ._widget_controls import DEFAULT_THRESHOLD, DEVICES, DIRECTIONS, _ControlsMixin
 from ._widget_errors import _guarded, _qt_deleted
 from ._widget_exemplars import _ExemplarsMixin
@@ -110,6 +111,16 @@ __all__ = [
 
 DEBOUNCE_MS = 150
 THRESHOLD_DEBOUNCE_MS = 40
+
+
+def _offer_delete(message: str, delete) -> None:
+    """A warning with a *Delete* button (napari notification actions): never blocks."""
+    from napari.utils.notifications import Notification, NotificationSeverity
+
+    notifications.notification_manager.dispatch(
+        Notification(message, severity=NotificationSeverity.WARNING,
+                     actions=[("Delete", lambda *_: delete())])
+    )
 
 
 class Sam3Widget(
@@ -210,6 +221,7 @@ class Sam3Widget(
         self._threshold_timer.timeout.connect(self._on_threshold_timeout)
 
         layers = self.viewer.layers
+        self._scratch = ScratchFolders(layers, _offer_delete)
         layers.events.inserted.connect(self._on_layer_inserted)
         layers.events.removed.connect(self._on_layers_changed)
         for layer in layers:
@@ -312,6 +324,7 @@ class Sam3Widget(
     def _detach(self) -> None:
         """Disconnect from the viewer's and the layers' events (widget deleted)."""
         self._timer_safe_stop()
+        self._scratch.disconnect()
         pairs = [
             (self.viewer.layers.events.inserted, self._on_layer_inserted),
             (self.viewer.layers.events.removed, self._on_layers_changed),

@@ -141,6 +141,13 @@ class _ControlsMixin:
             )
             combo.currentIndexChanged.connect(functools.partial(self._on_combo_changed, role))
             form.addRow(label, combo)
+        self.save_button = QPushButton("Save labels...")
+        self.save_button.setToolTip(
+            "Save the labels layer as TIFF (ImageJ-readable) or OME-NGFF Zarr with the "
+            "plugin's writer (File > Save uses napari's own writer unless you pick ours)"
+        )
+        self.save_button.clicked.connect(self._on_save_clicked)
+        form.addRow(self.save_button)
         return box
 
     def _build_object_box(self) -> QGroupBox:

@@ -8,6 +8,7 @@ import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
 
 from . import _layers
+from ._scratch_labels import LARGE_PIXELS, new_labels_data
 from ._widget_errors import _guarded, _UserError
 
 POINTS_NAME = "SAM3 points"
@@ -15,9 +16,8 @@ BOXES_NAME = "SAM3 boxes"
 PREVIEW_NAME = "SAM3 preview"
 LABELS_NAME = "SAM3 labels"
 EXEMPLARS_NAME = "SAM3 exemplars"
-# Above this many pixels (voxels for stacks) the labels layer the widget creates is a
-# Zarr array in a temporary folder instead of a NumPy array (64 MiB of int32).
-LARGE_PIXELS = 4096 * 4096
+# Above LARGE_PIXELS pixels (voxels for stacks) the labels layer the widget creates is a
+# Zarr array in a scratch folder instead of a NumPy array (see _scratch_labels).
 
 
 def _unwrap(obj):
@@ -59,27 +59,38 @@ class _Source:
         return _layers.plane_of(self.data, lead)
 
 
-def _new_labels_data(shape: tuple, n_lead: int):
-    """Zeros for a new labels layer: NumPy when it has at most ``LARGE_PIXELS`` voxels,
-    else a Zarr array (one chunk per 1024 x 1024 tile of a slice) in a temporary folder.
-    Returns ``(array, folder or None)``."""
-    if int(np.prod(shape, dtype=np.int64)) <= LARGE_PIXELS:
-        return np.zeros(shape, np.int32), None
-    import tempfile
-    from pathlib import Path
-
-    import zarr
-
-    folder = Path(tempfile.mkdtemp(prefix="napari-sam3-labels-"))
-    chunks = (1,) * n_lead + (min(1024, shape[-2]), min(1024, shape[-1]))
-    data = zarr.create_array(
-        folder / "labels.zarr", shape=shape, chunks=chunks, dtype="int32", fill_value=0
-    )
-    return data, folder
-
-
 class _LayersMixin:
     """Layer choices, the layers the widget creates, and the chosen image's geometry."""
+
+    def save_labels(self, path: str | None = None) -> list[str]:
+        """Write the labels layer with the plugin's writer (``.tif`` or ``.zarr``); without
+        ``path``, ask for one. Returns the written paths ([] if nothing was written)."""
+        from ._writers import save_labels_layer
+
+        labels = self.labels_layer
+        if labels is None:
+            self._report("SAM3: no labels layer to save")
+            return []
+        if path is None:
+            from qtpy.QtWidgets import QFileDialog
+
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Save labels", f"{labels.name}.tif",
+                "Labels TIFF (*.tif *.tiff);;Labels OME-Zarr (*.zarr)",
+            )
+            if not path:
+                return []
+        try:
+            written = save_labels_layer(_unwrap(labels), path)
+        except OSError as exc:
+            self._report(str(exc) if str(exc).startswith("SAM3") else f"SAM3: {exc}")
+            return []
+        self._set_status(f"Saved '{labels.name}' to {written[0]}")
+        return written
+
+    @_guarded
+    def _on_save_clicked(self, *_) -> None:
+        self.save_labels()
 
     def _layer_alive(self, layer) -> bool:
         return layer is not None and any(_same(ly, layer) for ly in self.viewer.layers)
@@ -255,12 +266,13 @@ class _LayersMixin:
 
         labels = find(LABELS_NAME, Labels, lambda ly: tuple(ly.data.shape) == shape)
         if labels is None:
-            data, folder = _new_labels_data(shape, src.n_lead)
+            data, folder = new_labels_data(shape, src.n_lead, LARGE_PIXELS)
             labels = self.viewer.add_labels(data, name=LABELS_NAME, opacity=0.6, **common)
             if folder is not None:
+                self._scratch.add(labels, folder)
                 self._report(
-                    f"SAM3: the image is large: '{LABELS_NAME}' is a Zarr array in {folder} "
-                    "(save it with File > Save)",
+                    f"SAM3: the image is large: '{LABELS_NAME}' lives in {folder} until you "
+                    "save it (Save labels); it is deleted when the layer is removed",
                     "info",
                 )
         preview = self.preview_layer

@@ -6,9 +6,11 @@ import functools
 import weakref
 
 from . import _layers
+from ._labels_history import RecordedWrites, UndoStep
 from ._widget_errors import _Cancelled, _guarded, _qt_deleted, _shielded, _user_message, _UserError
 from ._widget_jobs import _TASK_NAMES, _precompute_job, _propagate_job, _Task
 from ._widget_layers import _Source, _unwrap
+from ._widget_results import UNDO_PIXELS
 from .prompts import PromptError
 
 PRECOMPUTE_SCOPES = ("field of view", "whole image", "all slices")
@@ -124,8 +126,8 @@ class _TasksMixin:
         written, nothing is half-written).
 
         All slices' prompts of the object condition the tracker; only slices in the
-        chosen range are changed, other objects' pixels are kept. Not undoable with
-        napari's undo: re-propagate (e.g. forward from a corrected slice) instead.
+        chosen range are changed, other objects' pixels are kept. The whole propagation
+        is one undo step (Ctrl+Z), unless it changes more than ``UNDO_PIXELS`` pixels.
         """
         try:
             src, labels = self._writing_task_checks()
@@ -168,7 +170,10 @@ class _TasksMixin:
             total=stop - start,
             obj_id=obj_id,
             labels=labels,
-            view=_layers.AxisView(_unwrap(labels).data, axis, fixed, src.n_lead),
+            view=RecordedWrites(
+                _layers.AxisView(_unwrap(labels).data, axis, fixed, src.n_lead),
+                UndoStep(labels, max_pixels=UNDO_PIXELS),
+            ),
             max_hole_area=int(self.max_hole_area.value()),
             max_sprinkle_area=int(self.max_sprinkle_area.value()),
         )
@@ -309,9 +314,14 @@ class _TasksMixin:
             return
         done = sorted(task.written)
         span = f" ({done[0]} to {done[-1]})" if done else ""
+        undo = "; too large for undo" if task.view.step.too_large else "; Ctrl+Z undoes it"
+        undo = undo if done else ""
         if task.cancelled:
             self._set_status(
-                f"Propagation cancelled: {len(done)} slice(s) written{span}, the others unchanged"
+                f"Propagation cancelled: {len(done)} slice(s) written{span}, the others "
+                f"unchanged{undo}"
             )
         else:
-            self._set_status(f"Propagated object {task.obj_id}: {len(done)} slice(s) written{span}")
+            self._set_status(
+                f"Propagated object {task.obj_id}: {len(done)} slice(s) written{span}{undo}"
+            )

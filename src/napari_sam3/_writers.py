@@ -1,6 +1,12 @@
 """npe2 single-layer writers for labels layers (thin wrappers around :mod:`napari_sam3.io`).
 
 napari's save dialog has already asked before replacing a file, so these overwrite.
+Labels of any dimensionality napari holds (2 to 5 axes, OME-NGFF's t, c, z, y, x) are
+written, axes named from the layer's ``axis_labels`` when those are NGFF names.
+
+A writer that cannot write raises :class:`LabelsWriteError` (an ``OSError``), which
+napari shows to the user: npe2 takes a ``ValueError`` from a writer for "no writer
+found", and napari then only says that no plugin could write the layer.
 """
 
 from __future__ import annotations
@@ -8,6 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from . import io
+
+
+class LabelsWriteError(OSError):
+    """The labels cannot be written; the message says why."""
 
 
 def _target(path: str, suffixes: tuple[str, ...]) -> str:
@@ -22,23 +32,37 @@ def _level0(data: Any, meta: dict) -> Any:
     return data
 
 
+def _write(func, path: str, data: Any, meta: dict, suffixes, **kwargs) -> list[str]:
+    data = _level0(data, meta)
+    try:
+        axes = io.label_axes(len(data.shape), meta.get("axis_labels"))
+        return [func(_target(path, suffixes), data, overwrite=True, axes=axes, **kwargs)]
+    except ValueError as e:
+        raise LabelsWriteError(f"SAM3: cannot save '{meta.get('name', 'labels')}' to "
+                               f"{path}: {e}") from None
+
+
 def write_labels_tif(path: str, data: Any, meta: dict) -> list[str]:
     """Write a labels layer to a compressed TIFF (see :func:`io.write_labels_tif`)."""
-    out = io.write_labels_tif(_target(path, io.TIF_SUFFIXES), _level0(data, meta), overwrite=True)
-    return [out]
+    return _write(io.write_labels_tif, path, data, meta, io.TIF_SUFFIXES)
 
 
 def write_labels_zarr(path: str, data: Any, meta: dict) -> list[str]:
     """Write a labels layer to an OME-NGFF-style Zarr (see :func:`io.write_labels_zarr`)."""
-    data = _level0(data, meta)
     scale = meta.get("scale")
-    if scale is not None and len(scale) != len(data.shape):
+    if scale is not None and len(scale) != len(_level0(data, meta).shape):
         scale = None
-    out = io.write_labels_zarr(
-        _target(path, io.ZARR_SUFFIXES),
-        data,
-        overwrite=True,
-        name=meta.get("name"),
-        scale=scale,
-    )
-    return [out]
+    return _write(io.write_labels_zarr, path, data, meta, io.ZARR_SUFFIXES,
+                  name=meta.get("name"), scale=scale)
+
+
+def save_labels_layer(layer, path: str) -> list[str]:
+    """Save a napari Labels layer with our writers (by ``path``'s suffix): what the
+    widget's *Save labels* does, whatever napari's File > Save would pick."""
+    data, meta, _ = layer.as_layer_data_tuple()
+    lower = str(path).lower()
+    if lower.endswith(io.ZARR_SUFFIXES):
+        return write_labels_zarr(str(path), data, meta)
+    if lower.endswith(io.TIF_SUFFIXES):
+        return write_labels_tif(str(path), data, meta)
+    raise LabelsWriteError(f"SAM3: save labels as .tif or .zarr, not {path}")

@@ -1,0 +1,98 @@
+"""Writes into a napari Labels layer that Ctrl+Z undoes as one step, even when they
+arrive over time (the slices of a propagation, the planes of a concept run).
+
+napari's ``Labels.data_setitem`` records one undo step per call; a propagation writes
+one slice at a time, seconds apart, and must still be one step, or Ctrl+Z would undo
+the user's earlier commit and leave the propagation in place. :class:`UndoStep`
+builds one napari history item (a list of ``(indices, old values, new values)``
+atoms, the format every napari release replays) and extends it slice by slice while
+it is still the newest item; if the user edits or undoes in between, later writes
+start a new step, so every step reverts only what it wrote.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class UndoStep:
+    """One undo step of a Labels layer, filled write by write (``record``).
+
+    Past ``max_pixels`` changed pixels (each costs about 32 bytes of history) the step
+    is taken out of the history and ``too_large`` is set: the writes stand, without undo.
+    """
+
+    def __init__(self, layer, max_pixels: int = 1 << 22):
+        self.layer = getattr(layer, "__wrapped__", layer)  # napari's PublicOnlyProxy
+        self.max_pixels = int(max_pixels)
+        self._items: list[list] = []
+        self.pixels = 0
+        self.too_large = False
+
+    def record(self, key: tuple, old: np.ndarray, new: np.ndarray) -> None:
+        """Note that ``data[key]`` (ints and step-less slices) changed from ``old`` to
+        ``new``; unchanged pixels are not stored."""
+        if self.too_large:
+            return
+        old, new = np.asarray(old), np.broadcast_to(np.asarray(new), np.shape(old))
+        changed = old != new
+        if not changed.any():
+            return
+        self.pixels += int(changed.sum())
+        if self.pixels > self.max_pixels:
+            self._drop()
+            return
+        where = np.nonzero(changed)
+        n, parts, j = len(where[0]), [], 0  # n: changed pixels
+        for k in key:
+            if isinstance(k, slice):
+                parts.append(where[j] + (k.start or 0))
+                j += 1
+            else:
+                parts.append(np.full(n, int(k), dtype=np.intp))
+        atom = (tuple(parts), old[changed].copy(), new[changed].copy())
+        layer = self.layer
+        history = layer._undo_history
+        if self._items and history and history[-1] is self._items[-1]:
+            self._items[-1].append(atom)
+            return
+        item = [atom]
+        self._items.append(item)
+        layer._redo_history.clear()
+        append = getattr(layer, "_append_to_undo_history", None)
+        if append is not None:
+            append(item)  # also emits the layer's paint event
+        else:
+            history.append(item)
+
+    def _drop(self) -> None:
+        self.too_large = True
+        history = self.layer._undo_history
+        for item in self._items:
+            for i, other in enumerate(history):
+                if other is item:
+                    del history[i]
+                    break
+        self._items = []
+
+
+class RecordedWrites:
+    """An array-like over ``target`` whose assignments are recorded in ``step``.
+
+    ``target`` is the labels data or a view of it with ``full_key(key)`` mapping its
+    keys to keys of the layer's data (``_layers.AxisView``).
+    """
+
+    def __init__(self, target, step: UndoStep):
+        self.target, self.step = target, step
+        self.shape, self.dtype = tuple(target.shape), target.dtype
+
+    def __getitem__(self, key):
+        return self.target[key]
+
+    def __setitem__(self, key, value) -> None:
+        key = key if isinstance(key, tuple) else (key,)
+        old = np.asarray(self.target[key])
+        full = self.target.full_key(key) if hasattr(self.target, "full_key") else key
+        self.step.record(full, old, value)
+        self.target[key] = value
