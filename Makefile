@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_MODEL ?= facebook/sam3
 XVFB := xvfb-run -a -s "-screen 0 1920x1080x24"
 export QT_QPA_PLATFORM ?= xcb
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -32,9 +33,10 @@ demo: $(STAMP)
 	@if [ -n "$$DISPLAY" ] || [ -n "$$WAYLAND_DISPLAY" ]; then \
 	  $(VENV)/bin/napari-sam3 view --sample; \
 	else \
-	  echo "No display found: running the demo under Xvfb and saving a screenshot to demo.png"; \
+	  echo "No display found: running the demo under Xvfb (Load model, one click on a cell) and saving a screenshot to demo.png"; \
 	  $(MAKE) --no-print-directory system-deps; \
-	  $(XVFB) $(VENV)/bin/napari-sam3 view --sample --screenshot demo.png; \
+	  model=$$($(PY) -m napari_sam3.testing demo-model .demo-model $(DEMO_MODEL)) && \
+	  $(XVFB) $(VENV)/bin/napari-sam3 view --sample --model "$$model" --click 250,380 --screenshot demo.png; \
 	fi
 
 test: $(STAMP) system-deps
@@ -51,4 +53,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_import.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .demo-model build *.egg-info src/*.egg-info .pytest_cache

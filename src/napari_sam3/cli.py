@@ -444,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="save a screenshot of the window to PATH (.png) and exit (headless checks)",
     )
+    view.add_argument(
+        "--click",
+        metavar="ROW,COL",
+        default=None,
+        help="press Load model, click one point at image pixel ROW,COL and wait for its "
+        "preview (with --screenshot: a check of the whole job; exit 1 if no mask appears)",
+    )
     view.set_defaults(func=cmd_view)
     return parser
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import PROG, CliError, failed, warn
@@ -47,9 +48,77 @@ def _set_widget_model(widget, model: str) -> bool:
     return False
 
 
+def _parse_click(value: str | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        row, col = (float(v) for v in value.split(","))
+    except ValueError:
+        raise CliError(f"--click {value!r}: give ROW,COL, e.g. --click 250,380") from None
+    if not (row >= 0 and col >= 0):  # also refuses NaN
+        raise CliError(f"--click {value!r}: ROW and COL must be pixel positions (>= 0)")
+    return row, col
+
+
+def _wait(condition, timeout_s: float, what: str) -> None:
+    """Let Qt run until ``condition()`` holds; a time-out is a failed run."""
+    from qtpy.QtWidgets import QApplication
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise failed(f"{what} did not finish within {timeout_s:.0f} s")
+        QApplication.processEvents()
+        time.sleep(0.01)
+
+
+def _load_and_click(viewer, widget, row: float, col: float, timeout_s: float = 900) -> int:
+    """What a user does first: press *Load model*, click one point on the canvas, see its
+    preview. Returns the preview's pixel count; an empty preview is a failed run."""
+    from qtpy.QtCore import QPoint, Qt
+    from qtpy.QtTest import QTest
+    from qtpy.QtWidgets import QApplication
+
+    heavy = ", ".join(m for m in ("torch", "transformers") if m in sys.modules)
+    print(f"napari is up; imported before Load model: {heavy or 'neither torch nor transformers'}",
+          flush=True)
+    widget.load_button.click()
+    _wait(lambda: widget.load_worker is None, timeout_s, "Load model")
+    if widget.segmenter is None:
+        raise failed(f"Load model failed: {widget.status}")
+    print(f"model loaded: {widget.status}", flush=True)
+    points = widget.points_layer
+    if points is None:
+        raise failed("no image to click on: the widget has no points layer")
+    image_shape = widget.image_layer.data.shape[:2]
+    if not (row < image_shape[0] and col < image_shape[1]):
+        raise failed(f"--click {row:g},{col:g} is outside the image of {image_shape[0]}x"
+                     f"{image_shape[1]} px")
+    viewer.reset_view()
+    QApplication.processEvents()
+    viewer.layers.selection.active = points
+    points.mode = "add"
+    canvas, camera = viewer.window._qt_viewer.canvas.native, viewer.scene.camera
+    cy, cx = camera.center[-2:]
+    pos = QPoint(round((col - cx) * camera.zoom + canvas.width() / 2),
+                 round((row - cy) * camera.zoom + canvas.height() / 2))
+    n = len(points.data)
+    QTest.mouseClick(canvas, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, pos)
+    _wait(lambda: len(points.data) > n, 10, "the click on the canvas")
+    _wait(lambda: not widget.busy, timeout_s, "the preview")
+    import numpy as np
+
+    area = int(np.count_nonzero(np.asarray(widget.preview_layer.data)))
+    print(f"clicked ({row:g}, {col:g}): preview of {area} px; {widget.status}", flush=True)
+    if area == 0:
+        raise failed(f"the click gave an empty preview: {widget.status}")
+    return area
+
+
 def cmd_view(args) -> int:
     if args.image and args.sample:
         raise CliError("give an IMAGE or --sample, not both")
+    click_at = _parse_click(args.click)
     image = read_image(args.image) if args.image else None
     shot = None
     if args.screenshot:
@@ -80,20 +149,24 @@ def cmd_view(args) -> int:
         raise failed(f"cannot open the {WIDGET_NAME} widget: {type(e).__name__}: {e}") from None
     if args.model and not _set_widget_model(widget, args.model):
         warn("the widget has no model field; --model ignored")
-
-    if shot is None:
-        napari.run()
-        return 0
     from qtpy.QtWidgets import QApplication
 
     try:
-        viewer.window.resize(1400, 900)  # a fixed, roomy size for comparable screenshots
+        if shot is not None:
+            viewer.window.resize(1400, 900)  # a fixed, roomy size for comparable screenshots
         for _ in range(5):
             QApplication.processEvents()
+        if click_at is not None:
+            _load_and_click(viewer, widget, *click_at)
+        if shot is None:
+            napari.run()
+            return 0
         viewer.reset_view()  # the dock narrowed the canvas
         QApplication.processEvents()
         viewer.screenshot(str(shot), canvas_only=False, flash=False)
-    finally:
+    except BaseException:
         viewer.close()
+        raise
+    viewer.close()
     print(f"saved screenshot {shot}")
     return 0
