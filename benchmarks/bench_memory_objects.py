@@ -72,51 +72,6 @@ def grid_prompts(n: int, side: int):
     return [ObjectPrompt(points=[p]) for p in pts]
 
 
-def old_paste_objects(out, objects, ids=None, max_hole_area=0, max_sprinkle_area=0):
-    """``postprocess.paste_objects`` before issue 8 (all objects at once, all pairs)."""
-    from napari_sam3.postprocess import clean_mask
-
-    n = len(objects)
-    ids = list(range(1, n + 1)) if ids is None else [int(i) for i in ids]
-    boxes, masks, logits = [], [], []
-    for region, lg in objects:
-        lg = np.asarray(lg, dtype=np.float32)
-        m = clean_mask(lg > 0, max_hole_area, max_sprinkle_area)
-        if not m.any():
-            boxes.append(None)
-            masks.append(None)
-            logits.append(None)
-            continue
-        rr, cc = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
-        r0, r1, c0, c1 = rr[0], rr[-1] + 1, cc[0], cc[-1] + 1
-        off_r, off_c = region[0].start or 0, region[1].start or 0
-        boxes.append((off_r + r0, off_c + c0, off_r + r1, off_c + c1))
-        masks.append(m[r0:r1, c0:c1])
-        logits.append(lg[r0:r1, c0:c1])
-    for i in range(n):
-        if boxes[i] is None:
-            continue
-        a0, b0, a1, b1 = boxes[i]
-        keep = masks[i].copy()
-        for j in range(n):
-            if j == i or boxes[j] is None:
-                continue
-            c0, d0, c1, d1 = boxes[j]
-            r0, r1, q0, q1 = max(a0, c0), min(a1, c1), max(b0, d0), min(b1, d1)
-            if r0 >= r1 or q0 >= q1:
-                continue
-            mine = (slice(r0 - a0, r1 - a0), slice(q0 - b0, q1 - b0))
-            theirs = (slice(r0 - c0, r1 - c0), slice(q0 - d0, q1 - d0))
-            beats = logits[j][theirs] >= logits[i][mine] if j < i else (
-                logits[j][theirs] > logits[i][mine])
-            keep[mine] &= ~(masks[j][theirs] & beats)
-        window = (slice(a0, a1), slice(b0, b1))
-        current = np.asarray(out[window])
-        if keep.any():
-            current[keep] = ids[i]
-            out[window] = current
-
-
 def old_predict_objects(seg, image, prompts):
     """``predict_objects`` before issue 8: per tile, each group of prompts decoded and
     upsampled in one batch; every object keeps its whole tile of logits."""
@@ -164,6 +119,7 @@ def child(variant: str, n: int, folder: str, labels_path: str, old_paste_max: in
 
     from napari_sam3 import Sam3Segmenter
     from napari_sam3.postprocess import DEFAULTS
+    from napari_sam3.testing import reference_paste_objects
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -188,8 +144,8 @@ def child(variant: str, n: int, folder: str, labels_path: str, old_paste_max: in
         objects = old_predict_objects(seg, image, prompts)
         if n <= old_paste_max:
             labels = np.zeros((SIDE, SIDE), np.int32)
-            old_paste_objects(labels, [(o.region, o.logits) for o in objects], None,
-                              DEFAULTS.max_hole_area, DEFAULTS.max_sprinkle_area)
+            reference_paste_objects(labels, [(o.region, o.logits) for o in objects], None,
+                                    DEFAULTS.max_hole_area, DEFAULTS.max_sprinkle_area)
         else:
             pasted = False
         del objects

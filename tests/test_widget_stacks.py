@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gui import Notes, unwrap
+from gui import Notes, dock, load, unwrap, wait_idle
+from gui import canvas_click as click
 
 from napari_sam3 import ObjectPrompt
 
@@ -48,31 +49,6 @@ def zstack():
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-
-def wait_idle(widget, qtbot):
-    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
-
-
-def dock(make_napari_viewer):
-    viewer = make_napari_viewer(show=True)
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam3", "SAM3 segmentation")
-    return viewer, widget
-
-
-def load(widget, qtbot, folder, cache=""):
-    from qtpy.QtCore import Qt
-
-    widget.model_edit.setText(str(folder))
-    widget.device_combo.setCurrentText("cpu")
-    widget.cache_edit.setText(str(cache))
-    qtbot.mouseClick(widget.load_button, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: widget.load_worker is None, timeout=WAIT_MS)
-    assert widget.segmenter is not None, widget.status
-    return widget.segmenter
-
-
 def add(viewer, widget, qtbot, data, name="cells", **kwargs):
     layer = viewer.add_image(data, name=name, **kwargs)
     widget.image_combo.setCurrentIndex(widget.image_combo.findText(layer.name))
@@ -88,27 +64,6 @@ def add(viewer, widget, qtbot, data, name="cells", **kwargs):
     )
     wait_idle(widget, qtbot)
     return layer
-
-
-def click(viewer, qtbot, layer, row, col):
-    """A real mouse click on the canvas at image pixel (row, col) (2D view, scale 1)."""
-    from qtpy.QtCore import QPoint, Qt
-
-    viewer.layers.selection.active = layer
-    layer.mode = "add"
-    n = len(layer.data)
-    native = viewer.window._qt_viewer.canvas.native
-    cam = viewer.scene.camera
-    cy, cx = cam.center[-2:]
-    pos = QPoint(
-        round((col - cx) * cam.zoom + native.width() / 2),
-        round((row - cy) * cam.zoom + native.height() / 2),
-    )
-    qtbot.mouseClick(native, Qt.MouseButton.LeftButton, pos=pos)
-    qtbot.waitUntil(lambda: len(layer.data) == n + 1, timeout=5000)
-    got = np.asarray(layer.data[-1])
-    assert abs(got[-2] - row) < 1.0 and abs(got[-1] - col) < 1.0, (got, row, col)
-    return got
 
 
 def settings(widget):

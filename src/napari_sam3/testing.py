@@ -151,6 +151,58 @@ def demo_model(folder, model: str = "facebook/sam3") -> str:
     return str(folder)
 
 
+def reference_paste_objects(out, objects, ids=None, max_hole_area=0, max_sprinkle_area=0,
+                      overwrite=True):
+    """The overlap rule of ``postprocess.paste_objects`` as first written (every object
+    held at once, compared pairwise): the reference the streaming merge is tested and
+    benchmarked against. Highest logit wins, ties to the earlier object."""
+    import numpy as np
+
+    from .postprocess import clean_mask
+
+    n = len(objects)
+    ids = list(range(1, n + 1)) if ids is None else [int(i) for i in ids]
+    boxes, masks, logits = [], [], []
+    for region, lg in objects:
+        lg = np.asarray(lg, dtype=np.float32)
+        m = clean_mask(lg > 0, max_hole_area, max_sprinkle_area)
+        if not m.any():
+            boxes.append(None)
+            masks.append(None)
+            logits.append(None)
+            continue
+        rr, cc = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
+        r0, r1, c0, c1 = rr[0], rr[-1] + 1, cc[0], cc[-1] + 1
+        off_r, off_c = region[0].start or 0, region[1].start or 0
+        boxes.append((off_r + r0, off_c + c0, off_r + r1, off_c + c1))
+        masks.append(m[r0:r1, c0:c1])
+        logits.append(lg[r0:r1, c0:c1])
+    for i in range(n):
+        if boxes[i] is None:
+            continue
+        a0, b0, a1, b1 = boxes[i]
+        keep = masks[i].copy()
+        for j in range(n):
+            if j == i or boxes[j] is None:
+                continue
+            c0, d0, c1, d1 = boxes[j]
+            r0, r1, q0, q1 = max(a0, c0), min(a1, c1), max(b0, d0), min(b1, d1)
+            if r0 >= r1 or q0 >= q1:
+                continue
+            mine = (slice(r0 - a0, r1 - a0), slice(q0 - b0, q1 - b0))
+            theirs = (slice(r0 - c0, r1 - c0), slice(q0 - d0, q1 - d0))
+            other = masks[j][theirs]
+            beats = logits[j][theirs] >= logits[i][mine] if j < i else (
+                logits[j][theirs] > logits[i][mine])
+            keep[mine] &= ~(other & beats)
+        window = (slice(a0, a1), slice(b0, b1))
+        current = np.asarray(out[window])
+        writable = keep if overwrite else keep & (current == 0)
+        if writable.any():
+            current[writable] = ids[i]
+            out[window] = current
+
+
 if __name__ == "__main__":
     import sys
 
