@@ -276,3 +276,21 @@ def test_a_checkpoint_laid_out_like_facebook_sam3_loads_every_tracker_weight(tmp
     seg = Sam3Segmenter.from_pretrained(str(folder), device="cpu")
     assert seg.video_tracker() is not None  # propagation loads from the same folder
     assert ConceptSegmenter.for_segmenter(seg, str(folder)) is not None  # and concepts
+
+
+def test_weights_of_another_shape_are_one_error_naming_a_tensor(tiny_tracker_dir, tmp_path,
+                                                               work, capsys):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "shape"
+    shutil.copytree(tiny_tracker_dir, bad)
+    weights = load_file(bad / "model.safetensors")
+    key = "mask_decoder.conv_s0.bias"
+    stored = next(k for k in weights if k.endswith(key))  # saved as tracker_model.<key>
+    weights[stored] = weights[stored][:-1].clone()
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=rf"does not match its config.json.*{key}"):
+        load_tracker(str(bad), "cpu")
+    rc = cli.main(_segment(work, bad))
+    _one_error_line(rc, capsys.readouterr().err, "does not match its config.json", key)
+    assert not (work / "out.tif").exists()

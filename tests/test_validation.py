@@ -333,3 +333,34 @@ def test_help_documents_the_range(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--first K" in text and "--last K" in text and "included" in text
     assert "--stop K" in text and "kept for compatibility" in text
+
+
+def test_exemplar_boxes_and_labels_follow_the_prompt_rules(tmp_path):
+    from types import SimpleNamespace
+
+    from napari_sam3._cli.errors import CliError
+    from napari_sam3._cli.prompt_files import load_exemplars
+    from napari_sam3.concept import _exemplar_array
+
+    with pytest.raises(PromptError, match="exemplar labels must be 1 .* got 0.5"):
+        _exemplar_array([[0, 0, 5, 5]], [0.5], (20, 30))
+    with pytest.raises(PromptError, match="exemplar box 1's coordinates must be finite"):
+        _exemplar_array([[0, 0, np.inf, 5]], None, (20, 30))
+    boxes, labels = _exemplar_array([[0, 0, 1e300, 5], [3, 4, 1, 2]], [True, 0], (20, 30))
+    np.testing.assert_array_equal(boxes, [[0, 0, 19, 5], [1, 2, 3, 4]])  # clipped, sorted
+    assert labels.tolist() == [1, 0]
+
+    inp = SimpleNamespace(plane_shape=(20, 30))
+    for text in ("[[1" + "0" * 400 + ", 0, 10, 10]]", "[[1e999, 0, 10, 10]]"):
+        path = tmp_path / "ex.json"
+        path.write_text(text)
+        with pytest.raises(CliError, match="box 1") as err:
+            load_exemplars(str(path), inp)
+        assert len(str(err.value)) < 300 and "\n" not in str(err.value)
+
+
+def test_count_options_say_their_real_bound(capsys):
+    assert cli.main(["segment", "x.tif", "--everything", "--out", "o.tif",
+                     "--points-per-side", "-3"]) == 2
+    err = capsys.readouterr().err
+    assert "must be 1 or more, got -3" in err and "0 or more" not in err

@@ -54,7 +54,7 @@ from .model import (
 )
 from .normalize import image_limits, to_rgb_uint8
 from .postprocess import DEFAULTS as CLEANUP
-from .prompts import PromptError, box_to_xyxy
+from .prompts import PromptError, binary_labels, box_to_xyxy, check_box
 from .tiling import TiledModel, TileGrid, pad_to
 
 DEFAULT_THRESHOLD = 0.5
@@ -100,25 +100,20 @@ def _exemplar_array(exemplars, labels, shape) -> tuple[np.ndarray, np.ndarray]:
     """Exemplar boxes (N, 4) as (row0, col0, row1, col1), sorted corners, and 0/1 labels."""
     if exemplars is None or len(exemplars) == 0:
         return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
-    boxes = np.asarray(exemplars, dtype=np.float64)
-    if boxes.ndim == 1:
-        boxes = boxes[None]
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise PromptError("exemplars are boxes (row0, col0, row1, col1)")
-    boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]),
-                            np.maximum(boxes[:, :2], boxes[:, 2:])], axis=1)
+    if np.ndim(exemplars) == 1 and len(exemplars) == 4 and np.isscalar(exemplars[0]):
+        exemplars = [exemplars]  # one box
+    boxes = np.array([check_box(b, f"exemplar box {i + 1}") for i, b in enumerate(exemplars)])
     lab = np.ones(len(boxes), dtype=np.int64) if labels is None else (
-        np.asarray(labels, dtype=np.int64).reshape(-1))
+        binary_labels(labels, "exemplar labels"))
     if len(lab) != len(boxes):
         raise PromptError(f"{len(boxes)} exemplar boxes but {len(lab)} exemplar labels")
-    if not np.isin(lab, (0, 1)).all():
-        raise PromptError("exemplar labels must be 1 (positive) or 0 (negative)")
     h, w = shape
     for r0, c0, r1, c1 in boxes:
         if r1 < 0 or c1 < 0 or r0 >= h or c0 >= w:
             raise PromptError(f"exemplar box (rows {r0:g}-{r1:g}, cols {c0:g}-{c1:g}) is "
                               f"outside the {h}x{w} image")
-    return boxes, lab
+    # a box sticking out of the image is the part inside it (huge corners break ROI pooling)
+    return np.clip(boxes, 0, [h - 1, w - 1, h - 1, w - 1]), lab
 
 
 # -- results ----------------------------------------------------------------------------------

@@ -268,7 +268,8 @@ def load_checkpoint(cls, source: ModelSource, what: str, missing_message, *,
         with quiet_transformers():
             net, info = cls.from_pretrained(
                 source.location, use_safetensors=True, trust_remote_code=False,
-                output_loading_info=True, **source.hub_options(), **kwargs)
+                output_loading_info=True, ignore_mismatched_sizes=True,  # checked below
+                **source.hub_options(), **kwargs)
     except OSError as e:
         if source.local:
             raise ModelLoadError(f"cannot load model '{source.name}': {first_line(e)}") from e
@@ -279,6 +280,14 @@ def load_checkpoint(cls, source: ModelSource, what: str, missing_message, *,
             "online, or pass a local folder holding the checkpoint") from e
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load '{source.name}' as {what}: {first_line(e)}") from e
+    mismatched = sorted(m for m in info.get("mismatched_keys", ()) if needed(m[0]))
+    if mismatched:
+        key, stored, wanted = mismatched[0]
+        raise ModelLoadError(
+            f"'{source.name}' does not match its config.json: {len(mismatched)} weights have "
+            f"other shapes (e.g. {key}: {tuple(stored)} in the checkpoint, {tuple(wanted)} "
+            "by the config); the checkpoint or its config.json was changed"
+        )
     missing = sorted(k for k in info.get("missing_keys", ()) if needed(k))
     if missing:
         raise ModelLoadError(missing_message(missing, len(net.state_dict())))

@@ -32,12 +32,24 @@ def _numbers(values, what: str) -> np.ndarray:
 _INTEGER = (int, np.integer, np.bool_)  # bool is an int
 
 
-def _point_labels(labels) -> np.ndarray:
-    """Point labels as int64: exactly 0 or 1, as integers or booleans (NumPy's too).
+def check_box(box, what: str = "a box") -> np.ndarray:
+    """``box`` as (row0, col0, row1, col1) float64 with sorted corners: four finite
+    numbers, else a PromptError (the one rule for prompt boxes and exemplar boxes)."""
+    arr = _numbers(box, f"{what} is (row0, col0, row1, col1)").reshape(-1)
+    if arr.shape != (4,):
+        raise PromptError(f"{what} is (row0, col0, row1, col1), got {_short(box)}")
+    if not np.isfinite(arr).all():
+        raise PromptError(f"{what}'s coordinates must be finite numbers, got {_short(box)}")
+    r0, c0, r1, c1 = arr
+    return np.array([min(r0, r1), min(c0, c1), max(r0, r1), max(c0, c1)])
+
+
+def binary_labels(labels, what: str = "point labels") -> np.ndarray:
+    """Labels as int64: exactly 0 or 1, as integers or booleans (NumPy's too).
 
     Floats are refused, never rounded: 0.5 or 1.9 is a mistake, not a click.
     """
-    flat = PromptError(f"point labels must be a flat list of 0 and 1, got {_short(labels)}")
+    flat = PromptError(f"{what} must be a flat list of 0 and 1, got {_short(labels)}")
     try:
         arr = np.asarray(labels)
     except (TypeError, ValueError):  # ragged nesting
@@ -49,7 +61,7 @@ def _point_labels(labels) -> np.ndarray:
         bad = [v for v in arr.tolist() if not (isinstance(v, _INTEGER) and v in (0, 1))]
         if bad:
             raise PromptError(
-                "point labels must be 1 (positive) or 0 (negative), as integers or "
+                f"{what} must be 1 (positive) or 0 (negative), as integers or "
                 f"booleans; got {_short(bad[0])}"
             )
     return arr.astype(np.int64)
@@ -107,20 +119,14 @@ class ObjectPrompt:
         if self.point_labels is None:
             labels = np.ones(len(pts), dtype=np.int64)
         else:
-            labels = _point_labels(self.point_labels)
+            labels = binary_labels(self.point_labels)
         if len(labels) != len(pts):
             raise PromptError(f"{len(pts)} points but {len(labels)} point labels")
         self.point_labels = labels
         if not np.isfinite(pts).all():
             raise PromptError("point coordinates must be finite numbers")
         if self.box is not None:
-            box = _numbers(self.box, "a box is (row0, col0, row1, col1)").reshape(-1)
-            if box.shape != (4,):
-                raise PromptError("a box is (row0, col0, row1, col1)")
-            if not np.isfinite(box).all():
-                raise PromptError("box coordinates must be finite numbers")
-            r0, c0, r1, c1 = box
-            self.box = np.array([min(r0, r1), min(c0, c1), max(r0, r1), max(c0, c1)])
+            self.box = check_box(self.box)
         if self.mask is not None:
             self.mask = np.asarray(self.mask).astype(bool)
         if not len(pts) and self.box is None and self.mask is None:

@@ -87,5 +87,6 @@ def cmd_cache_clear(args) -> int:
     entries, size = len(store.disk_entries()), store.disk_bytes()
     leftovers = store.clear()
     also = f" and {leftovers} leftover{'s' if leftovers != 1 else ''}" if leftovers else ""
-    print(f"cleared {entries} entries ({human_bytes(size)}){also} from {path}")
+    noun = "entry" if entries == 1 else "entries"
+    print(f"cleared {entries} {noun} ({human_bytes(size)}){also} from {path}")
     return 0

@@ -8,8 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..prompts import PromptError, check_box
 from .errors import CliError
 from .inputs import Input
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 MAX_ID = 2**31 - 1  # labels are int32
 
@@ -52,7 +57,8 @@ def _read_json(path: str, what: str):
             f"{what} {path!r} are not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
         ) from None
     except ValueError as e:
-        raise CliError(f"{what} {path!r} are not valid JSON: {e}") from None
+        why = "a number has too many digits" if "digits" in str(e) else str(e)
+        raise CliError(f"{what} {path!r} are not valid JSON: {why}") from None
     except RecursionError:
         raise CliError(f"{what} {path!r} are not usable JSON: nested too deeply") from None
 
@@ -93,10 +99,13 @@ def load_exemplars(path: str, inp: Input) -> tuple[list[list[float]], list[int]]
             or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in entry)
         ):
             raise CliError(
-                f"{where}: a box is 4 numbers [row0, col0, row1, col1], got {json.dumps(entry)}"
+                f"{where}: a box is 4 numbers [row0, col0, row1, col1], got "
+                f"{_short(json.dumps(entry))}"
             )
-        r0, c0, r1, c1 = (float(v) for v in entry)
-        r0, r1, c0, c1 = min(r0, r1), max(r0, r1), min(c0, c1), max(c0, c1)
+        try:
+            r0, c0, r1, c1 = check_box(entry).tolist()
+        except PromptError as e:
+            raise CliError(f"{where}: {e}") from None
         if r1 < 0 or c1 < 0 or r0 >= h or c0 >= w:
             raise CliError(
                 f"{where}: box (rows {r0:g}-{r1:g}, cols {c0:g}-{c1:g}) is outside the "
