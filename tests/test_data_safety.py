@@ -166,7 +166,7 @@ def test_cli_clear_keeps_a_users_files(work, tiny_tracker_dir, expected, capsys)
     _store_with_entry(cache)
     (cache / "tiles" / "photo.txt").write_text("x")
     assert cli.main(["cache", "clear", "--cache", str(cache)]) == 0
-    assert capsys.readouterr().out.startswith("cleared 1 entries")
+    assert capsys.readouterr().out.startswith("cleared 1 entry ")
     assert sorted(p.name for p in (cache / "tiles").iterdir()) == ["photo.txt"]
 
 
@@ -218,7 +218,7 @@ def test_cache_of_an_older_format_can_be_cleared(work, tiny_tracker_dir, capsys)
     assert cli.main(["cache", "info", "--cache", str(folder)]) == 0
     assert "older format" in capsys.readouterr().out
     assert cli.main(["cache", "clear", "--cache", str(folder)]) == 0
-    assert capsys.readouterr().out.startswith("cleared 1 entries")
+    assert capsys.readouterr().out.startswith("cleared 1 entry ")
     assert (folder / "notes.txt").read_text() == "mine"
     store = _store_with_entry(folder)  # usable again, no warning
     assert store.path == folder
