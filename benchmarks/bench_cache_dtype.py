@@ -31,7 +31,7 @@ def measure(model_dir: str, side: int, n_prompts: int, label: str) -> dict:
     import torch
 
     from napari_sam3 import ObjectPrompt, Sam3Segmenter
-    from napari_sam3.segmenter import ImageEmbedding, with_no_memory
+    from napari_sam3.core.segmenter import ImageEmbedding, with_no_memory
 
     seg = Sam3Segmenter.from_pretrained(model_dir, device="cpu", tile_size=side)
     rng = np.random.default_rng(0)

@@ -134,7 +134,7 @@ def _accepted(func, **kwargs) -> dict:
 
 def make_embedding(seg, key, feats, image_shape):
     """An ``ImageEmbedding`` from encoder features, whatever fields the class has now."""
-    from napari_sam3 import segmenter
+    from napari_sam3.core import segmenter
 
     fields = {f.name for f in dataclasses.fields(segmenter.ImageEmbedding)}
     kw = {"key": key, "features": feats, "image_shape": image_shape}
@@ -147,7 +147,7 @@ def make_embedding(seg, key, feats, image_shape):
 
 def tiny_segmenter(folder):
     """The tiny test model; images up to 1008 px are one tile, as for the full model."""
-    from napari_sam3.segmenter import Sam3Segmenter
+    from napari_sam3.core.segmenter import Sam3Segmenter
     from napari_sam3.testing import save_random_tracker, tiny_tracker_config
 
     save_random_tracker(folder, tiny_tracker_config(), seed=0)
@@ -165,7 +165,7 @@ def full_segmenter():
     import torch
     from transformers import Sam3ImageProcessor, Sam3TrackerModel, Sam3TrackerProcessor
 
-    from napari_sam3.segmenter import Sam3Segmenter
+    from napari_sam3.core.segmenter import Sam3Segmenter
     from napari_sam3.testing import full_tracker_config
 
     torch.manual_seed(0)
@@ -204,9 +204,9 @@ def bench_config(
     import torch
     import torch.nn.functional as F
 
-    from napari_sam3.normalize import robust_limits
-    from napari_sam3.postprocess import DEFAULTS, masks_to_labels
-    from napari_sam3.prompts import ObjectPrompt, box_to_xyxy, rowcol_to_xy
+    from napari_sam3.core.normalize import robust_limits
+    from napari_sam3.core.postprocess import DEFAULTS, masks_to_labels
+    from napari_sam3.core.prompts import ObjectPrompt, box_to_xyxy, rowcol_to_xy
 
     h, w = image.shape[:2]
     limits = robust_limits(image)  # the widget passes the layer's contrast limits

@@ -249,8 +249,8 @@ def cells(side: int) -> np.ndarray:
 
 def tiny_models(tmp: Path, tile_size: int):
     """(Sam3Segmenter, ConceptSegmenter, tracker folder) from the tiny test checkpoints."""
-    from napari_sam3.concept import ConceptSegmenter
-    from napari_sam3.segmenter import Sam3Segmenter
+    from napari_sam3.core.concept import ConceptSegmenter
+    from napari_sam3.core.segmenter import Sam3Segmenter
     from napari_sam3.testing import save_random_tracker
     from napari_sam3.testing_concept import save_random_concept_model
 
@@ -291,7 +291,7 @@ def concept_tile(label: str, cs, rgb: np.ndarray, repeats: int, *, full: bool = 
     """Ours (cold, warm, +labels) vs the recipe and the bare model with features given."""
     import torch
 
-    from napari_sam3.concept import DEFAULT_MIN_SCORE
+    from napari_sam3.core.concept import DEFAULT_MIN_SCORE
 
     model, proc = cs.model, cs.processor
     sizes = [tuple(rgb.shape[:2])]
@@ -362,8 +362,8 @@ def everything_tile(label: str, seg, gen, rgb: np.ndarray, pps: int, filters: st
     import torch
     from PIL import Image
 
-    from napari_sam3.everything import EverythingSettings, _grid_points, segment_everything
-    from napari_sam3.prompts import rowcol_to_xy
+    from napari_sam3.core.everything import EverythingSettings, _grid_points, segment_everything
+    from napari_sam3.core.prompts import rowcol_to_xy
 
     f = FILTERS[filters]
     settings = EverythingSettings(points_per_side=pps, points_per_batch=BATCH, **f)
@@ -430,7 +430,7 @@ def full_everything(rows: list, repeats: int) -> None:
     import torch
     from transformers import Sam3ImageProcessor, Sam3TrackerModel, Sam3TrackerProcessor
 
-    from napari_sam3.segmenter import ImageEmbedding, Sam3Segmenter, with_no_memory
+    from napari_sam3.core.segmenter import ImageEmbedding, Sam3Segmenter, with_no_memory
     from napari_sam3.testing import full_tracker_config
 
     t0 = time.perf_counter()
@@ -466,7 +466,7 @@ def full_concept(rows: list, repeats: int) -> None:
     import torch
     from transformers import Sam3Config, Sam3Model
 
-    from napari_sam3.concept import ConceptSegmenter
+    from napari_sam3.core.concept import ConceptSegmenter
     from napari_sam3.testing_concept import tiny_concept_processor
 
     t0 = time.perf_counter()
@@ -494,7 +494,7 @@ def full_concept(rows: list, repeats: int) -> None:
 
 # -- growth with image size ------------------------------------------------------------------
 def growth(tmp: Path, sides, repeats: int) -> list[dict]:
-    from napari_sam3.everything import segment_everything
+    from napari_sam3.core.everything import segment_everything
 
     seg, cs, _ = tiny_models(tmp, tile_size=112)
     images = {s: cells(s) for s in sides}

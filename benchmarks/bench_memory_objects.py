@@ -77,7 +77,7 @@ def old_predict_objects(seg, image, prompts):
     upsampled in one batch; every object keeps its whole tile of logits."""
     import torch
 
-    from napari_sam3.segmenter import ObjectMask, _to_tile_frame, prompt_bbox
+    from napari_sam3.core.segmenter import ObjectMask, _to_tile_frame, prompt_bbox
 
     grid = seg.tiles(image)
     limits = seg.resolve_limits(image, None)
@@ -118,7 +118,7 @@ def child(variant: str, n: int, folder: str, labels_path: str, old_paste_max: in
     import torch
 
     from napari_sam3 import Sam3Segmenter
-    from napari_sam3.postprocess import DEFAULTS
+    from napari_sam3.core.postprocess import DEFAULTS
     from napari_sam3.testing import reference_paste_objects
 
     torch.set_num_threads(1)

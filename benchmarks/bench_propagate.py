@@ -145,7 +145,7 @@ def child(args) -> None:
     import torch  # noqa: F401  - imports are not part of the growth
     import transformers  # noqa: F401
 
-    import napari_sam3.segmenter  # noqa: F401
+    import napari_sam3.core.segmenter  # noqa: F401
 
     stack = make_stack(args.depth, args.side)
     point = (args.side // 2, args.side // 4)

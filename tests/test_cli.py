@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_sam3 import ObjectPrompt, cli, io
+from napari_sam3 import ObjectPrompt, cli
+from napari_sam3.core import io
 
 H, W = 60, 90  # non-square, so swapped (row, col) axes give other masks or fall outside
 

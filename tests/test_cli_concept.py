@@ -13,9 +13,10 @@ import pytest
 import tifffile
 import zarr
 
-from napari_sam3 import Sam3Segmenter, cli, io
-from napari_sam3.concept import DEFAULT_THRESHOLD, ConceptSegmenter
-from napari_sam3.everything import SETTINGS, EverythingSettings
+from napari_sam3 import Sam3Segmenter, cli
+from napari_sam3.core import io
+from napari_sam3.core.concept import DEFAULT_THRESHOLD, ConceptSegmenter
+from napari_sam3.core.everything import SETTINGS, EverythingSettings
 
 H, W = 60, 90
 THRESHOLD = 0.249  # the tiny random detector scores ~0.25: this keeps about half

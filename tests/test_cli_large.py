@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_sam3 import ObjectPrompt, Sam3Segmenter, cli, io, postprocess, segmenter
-from napari_sam3.propagation import StackFrames, stack_limits
+from napari_sam3 import ObjectPrompt, Sam3Segmenter, cli
+from napari_sam3.core import io, postprocess, segmenter
+from napari_sam3.core.propagation import StackFrames, stack_limits
 
 TILES = ["--tile", "112", "--overlap", "32"]
 H, W = 300, 400  # 4 x 5 tiles of 112 px with 32 px overlap
@@ -235,7 +236,7 @@ def test_float32_cache_is_exact(data, expected, tiny_tracker_dir, tmp_path):
 
 def test_precompute_stops_when_the_cache_fails(data, tiny_tracker_dir, tmp_path, monkeypatch,
                                                capsys):
-    from napari_sam3.embedding_store import EmbeddingStore
+    from napari_sam3.core.embedding_store import EmbeddingStore
 
     def full(self, key, feats, meta):
         raise OSError(28, "No space left on device")

@@ -1,7 +1,7 @@
 """A user's first session, each in a fresh process: napari's OpenGL first, torch later.
 
 The test process imports torch before any viewer exists, which hides crashes on the
-order a user's napari takes (see napari_sam3.torch_import). These tests start napari
+order a user's napari takes (see napari_sam3.core.torch_import). These tests start napari
 the way a user does, press *Load model* with a tiny checkpoint, click one point on the
 canvas, and require a non-empty preview and a clean exit.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from napari_sam3.torch_import import foreign_llvm_loaded
+from napari_sam3.core.torch_import import foreign_llvm_loaded
 
 HERE = Path(__file__).resolve().parent
 CLICK = ("250", "380")  # a cell of the synthetic sample (512 x 768)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from napari_sam3 import PromptError, Sam3Segmenter
-from napari_sam3.concept import (
+from napari_sam3.core.concept import (
     ConceptSegmenter,
     attach_concept,
     concept_for,
@@ -16,9 +16,9 @@ from napari_sam3.concept import (
     load_concept_model,
     segment_concept,
 )
-from napari_sam3.instances import intersect, mask_iou, tile_box
-from napari_sam3.model import ModelLoadError
-from napari_sam3.prompts import box_to_xyxy
+from napari_sam3.core.instances import intersect, mask_iou, tile_box
+from napari_sam3.core.model import ModelLoadError
+from napari_sam3.core.prompts import box_to_xyxy
 
 EXACT = dict(min_score=0.0, max_hole_area=0, max_sprinkle_area=0)
 
@@ -147,7 +147,7 @@ def tiled(tiny_concept_dir):
 
 def test_tiles_match_the_recipe_on_each_tile(tiled, reference):
     """Every tile's candidates are the recipe's on that tile (zero-padded to 112 px)."""
-    from napari_sam3.tiling import pad_to
+    from napari_sam3.core.tiling import pad_to
 
     rgb = noisy((196, 196), seed=4)
     before = tiled.encoder_calls
@@ -191,7 +191,7 @@ def test_exemplar_in_one_tile_prompts_every_tile(tiled, reference):
     res = tiled.detect(rgb, exemplars=[box], **EXACT)
     assert {x.tile for x in res.candidates} == {0, 1, 2, 3}
     # tile 3 equals the recipe on that tile with the box in tile coordinates
-    from napari_sam3.tiling import pad_to
+    from napari_sam3.core.tiling import pad_to
 
     t = res.grid.tiles[3]
     local = [box[0] - t.r0, box[1] - t.c0, box[2] - t.r0, box[3] - t.c0]
@@ -307,7 +307,7 @@ def test_shared_trunk_with_the_tracker(tiny_tracker_dir, tiny_concept_dir, tmp_p
     trunk is held once in memory and its cached output can feed the tracker exactly."""
     from transformers import Sam3Model
 
-    from napari_sam3.concept import share_backbone, tracker_embeddings_from_trunk
+    from napari_sam3.core.concept import share_backbone, tracker_embeddings_from_trunk
 
     seg = Sam3Segmenter.from_pretrained(str(tiny_tracker_dir), device="cpu", tile_size=1024)
     other = ConceptSegmenter.for_segmenter(seg, str(tiny_concept_dir))

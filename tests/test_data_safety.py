@@ -15,9 +15,10 @@ import pytest
 import tifffile
 import zarr
 
-from napari_sam3 import ObjectPrompt, Sam3Segmenter, cli, io
+from napari_sam3 import ObjectPrompt, Sam3Segmenter, cli
 from napari_sam3._cli import output
-from napari_sam3.embedding_store import (
+from napari_sam3.core import io
+from napari_sam3.core.embedding_store import (
     FORMAT_VERSION,
     ORPHAN_AGE_S,
     CacheWarning,

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from napari_sam3 import ObjectPrompt, Sam3Segmenter
-from napari_sam3.cache import MemoryLRU
-from napari_sam3.embedding_store import FORMAT_VERSION, CacheWarning, EmbeddingStore
+from napari_sam3.core.cache import MemoryLRU
+from napari_sam3.core.embedding_store import FORMAT_VERSION, CacheWarning, EmbeddingStore
 
 TILES = dict(tile_size=112, overlap=48)
 

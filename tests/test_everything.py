@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_sam3 import ObjectPrompt, Sam3Segmenter
-from napari_sam3.everything import (
+from napari_sam3.core.everything import (
     EverythingSettings,
     _grid_points,
     generate_everything,
@@ -16,7 +16,7 @@ from napari_sam3.everything import (
     segment_everything,
     stack_limits,
 )
-from napari_sam3.instances import intersect, mask_iou, merge_tiles, tile_box
+from napari_sam3.core.instances import intersect, mask_iou, merge_tiles, tile_box
 
 # random weights give mask logits of ~1e-5: a tiny offset makes stability scores vary
 OPEN = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, min_area=0,
@@ -158,7 +158,7 @@ def tiled_segmenter(tiny_tracker_dir):
 
 
 def test_tiled_run_has_each_instance_once(tiled_segmenter, monkeypatch):
-    import napari_sam3.everything as everything
+    import napari_sam3.core.everything as everything
 
     seen = {}
 

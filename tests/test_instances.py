@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_sam3.instances import (
+from napari_sam3.core.instances import (
     Instance,
     box_iou,
     clean_instances,
@@ -16,7 +16,7 @@ from napari_sam3.instances import (
     seam_margin,
     touches_seam,
 )
-from napari_sam3.tiling import TileGrid
+from napari_sam3.core.tiling import TileGrid
 
 SHAPE = (196, 196)  # tile 112, overlap 28: tiles start at 0 and 84 on each axis
 

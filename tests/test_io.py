@@ -7,8 +7,9 @@ import pytest
 import tifffile
 import zarr
 
-from napari_sam3 import _writers, io
+from napari_sam3 import _writers
 from napari_sam3._sample_data import make_cells_image, sample_cells
+from napari_sam3.core import io
 
 
 def _labels(shape, big: bool) -> np.ndarray:

@@ -79,7 +79,7 @@ def test_python_names_resolve(manifest, command_id):
 def test_light_modules_do_not_import_torch():
     code = (
         "import sys\n"
-        "import napari_sam3, napari_sam3._writers, napari_sam3._sample_data, napari_sam3.io\n"
+        "import napari_sam3, napari_sam3._writers, napari_sam3._sample_data, napari_sam3.core.io\n"
         "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -90,7 +90,7 @@ def test_light_modules_do_not_import_torch():
 def test_io_does_not_import_gui():
     code = (
         "import sys\n"
-        "import napari_sam3.io, napari_sam3._writers\n"
+        "import napari_sam3.core.io, napari_sam3._writers\n"
         "gui = [m for m in ('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'torch')"
         " if m in sys.modules]\n"
         "assert not gui, gui\n"

@@ -18,9 +18,10 @@ import tifffile
 import zarr
 from scipy import ndimage as ndi
 
-from napari_sam3 import ObjectPrompt, Sam3Segmenter, cli, segmenter
-from napari_sam3.everything import MAX_POINTS_PER_SIDE, EverythingSettings, generate_everything
-from napari_sam3.postprocess import BestLogitMap, Flush, mask_box, paste_objects
+from napari_sam3 import ObjectPrompt, Sam3Segmenter, cli
+from napari_sam3.core import segmenter
+from napari_sam3.core.everything import MAX_POINTS_PER_SIDE, EverythingSettings, generate_everything
+from napari_sam3.core.postprocess import BestLogitMap, Flush, mask_box, paste_objects
 from napari_sam3.testing import reference_paste_objects as old_paste_objects
 
 

@@ -16,8 +16,8 @@ import pytest
 import tifffile
 
 from napari_sam3 import Sam3Segmenter, cli
-from napari_sam3.concept import load_concept_model
-from napari_sam3.model import ModelLoadError, load_tracker, prepare_model, resolve_model
+from napari_sam3.core.concept import load_concept_model
+from napari_sam3.core.model import ModelLoadError, load_tracker, prepare_model, resolve_model
 
 BOTH = ("no such folder", "no such model on the hub (or offline")
 
@@ -115,7 +115,7 @@ def test_existing_folder_named_like_a_hub_id_is_local(tiny_tracker_dir, tmp_path
     err = capsys.readouterr().err
     assert rc == 0, err
     assert err.startswith("napari-sam3: note: using the local folder"), err
-    with caplog.at_level(logging.INFO, logger="napari_sam3.model"):
+    with caplog.at_level(logging.INFO, logger="napari_sam3.core.model"):
         seg = Sam3Segmenter.from_pretrained("owner/name", device="cpu")
     assert "using the local folder" in caplog.text
     assert seg.fingerprint["weights"]  # the folder's weights, not a hub model
@@ -244,7 +244,7 @@ def test_a_checkpoint_laid_out_like_facebook_sam3_loads_every_tracker_weight(tmp
     import torch
     from transformers import Sam3TrackerModel
 
-    from napari_sam3.concept import ConceptSegmenter
+    from napari_sam3.core.concept import ConceptSegmenter
     from napari_sam3.testing_concept import save_random_sam3
 
     folder = save_random_sam3(tmp_path / "sam3")

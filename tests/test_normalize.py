@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_sam3.normalize import robust_limits, to_rgb_uint8
+from napari_sam3.core.normalize import robust_limits, to_rgb_uint8
 
 
 def test_uint8_rgb_unchanged():

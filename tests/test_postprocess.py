@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_sam3.postprocess import (
+from napari_sam3.core.postprocess import (
     PostProcessing,
     clean_mask,
     fill_holes,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_sam3 import ObjectPrompt, PromptError
-from napari_sam3.prompts import box_to_xyxy, rowcol_to_xy
+from napari_sam3.core.prompts import box_to_xyxy, rowcol_to_xy
 
 
 def test_rowcol_to_xy_swaps():

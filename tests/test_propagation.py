@@ -8,7 +8,7 @@ import torch
 from transformers import Sam3TrackerVideoModel, Sam3TrackerVideoProcessor
 
 from napari_sam3 import ObjectPrompt, PromptError, Sam3Segmenter
-from napari_sam3.model import ModelLoadError
+from napari_sam3.core.model import ModelLoadError
 
 DEPTH = 14
 
@@ -136,7 +136,7 @@ def test_cancel_keeps_finished_slices_only(seg, stack):
     out = np.zeros(stack.shape[:3], np.int32)
     it = seg.iter_propagate(stack, {2: [ObjectPrompt(points=[(48, 40)])]}, direction="forward",
                             stop_after=10 ** 6)
-    from napari_sam3.segmenter import write_slice
+    from napari_sam3.core.segmenter import write_slice
 
     done = []
     for r in it:

@@ -8,8 +8,8 @@ import torch
 from transformers import Sam3TrackerModel, Sam3TrackerProcessor
 
 from napari_sam3 import ObjectPrompt, PromptError, Sam3Segmenter
-from napari_sam3.model import ModelLoadError
-from napari_sam3.segmenter import add_no_memory_embedding
+from napari_sam3.core.model import ModelLoadError
+from napari_sam3.core.segmenter import add_no_memory_embedding
 
 
 @pytest.fixture(scope="module")

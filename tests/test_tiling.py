@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from napari_sam3 import ObjectPrompt, Sam3Segmenter
-from napari_sam3.tiling import TileGrid
+from napari_sam3.core.tiling import TileGrid
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_segment_into_zarr_output(tiled, big_image, tmp_path):
 
 
 def test_limits_of_a_lazy_image_are_sampled_once(tiled, big_image, tmp_path, monkeypatch):
-    import napari_sam3.segmenter as segmenter_module
+    import napari_sam3.core.segmenter as segmenter_module
 
     arr = zarr.create_array(tmp_path / "img.zarr", shape=big_image.shape, chunks=(64, 64),
                             dtype=big_image.dtype)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_sam3 import ObjectPrompt, PromptError, Sam3Segmenter, cli, io
-from napari_sam3.propagation import StackFrames
-from napari_sam3.segmenter import prompt_bbox
+from napari_sam3 import ObjectPrompt, PromptError, Sam3Segmenter, cli
+from napari_sam3.core import io
+from napari_sam3.core.propagation import StackFrames
+from napari_sam3.core.segmenter import prompt_bbox
 
 H, W = 40, 56
 
@@ -340,7 +341,7 @@ def test_exemplar_boxes_and_labels_follow_the_prompt_rules(tmp_path):
 
     from napari_sam3._cli.errors import CliError
     from napari_sam3._cli.prompt_files import load_exemplars
-    from napari_sam3.concept import _exemplar_array
+    from napari_sam3.core.concept import _exemplar_array
 
     with pytest.raises(PromptError, match="exemplar labels must be 1 .* got 0.5"):
         _exemplar_array([[0, 0, 5, 5]], [0.5], (20, 30))

@@ -16,7 +16,7 @@ import pytest
 from gui import Notes, unwrap
 
 from napari_sam3 import ObjectPrompt, PromptError, _layers
-from napari_sam3.postprocess import PostProcessing
+from napari_sam3.core.postprocess import PostProcessing
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"

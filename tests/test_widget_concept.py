@@ -17,7 +17,7 @@ import pytest
 from gui import Notes, unwrap
 
 from napari_sam3 import PromptError, _layers
-from napari_sam3.instances import Instance, paint_labels
+from napari_sam3.core.instances import Instance, paint_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -89,7 +89,7 @@ def concept_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(concept_dir):
     """An independent ConceptSegmenter on the same checkpoint (untiled, as the widget's)."""
-    from napari_sam3.concept import ConceptSegmenter
+    from napari_sam3.core.concept import ConceptSegmenter
 
     return ConceptSegmenter.from_pretrained(str(concept_dir), device="cpu", tile_size=1024)
 
@@ -327,7 +327,7 @@ def test_exemplar_layer_polarity_key_and_exemplar_only_concept(
     # a larger image in tiles of 112 px (the tiny model's input) overlapping by 28 px, whose
     # labels layer is a Zarr array (as for a large image)
     from napari_sam3 import _widget_layers
-    from napari_sam3.concept import ConceptSegmenter
+    from napari_sam3.core.concept import ConceptSegmenter
 
     monkeypatch.setattr(_widget_layers, "LARGE_PIXELS", 20_000)
     big = np.tile(gray_image, (3, 2))[:200, :230]
@@ -362,7 +362,7 @@ def test_exemplar_layer_polarity_key_and_exemplar_only_concept(
 def test_segment_everything_and_whole_stack_scope(
     docked, qtbot, tiny_tracker_dir, concept_dir, reference, gray_image, monkeypatch
 ):
-    from napari_sam3.everything import SETTINGS, segment_everything
+    from napari_sam3.core.everything import SETTINGS, segment_everything
 
     viewer, widget = docked
     notes = Notes()
@@ -447,7 +447,7 @@ def test_segment_everything_and_whole_stack_scope(
 def test_cancel_leaves_labels_unchanged(
     docked, qtbot, tiny_tracker_dir, concept_dir, reference, gray_image, monkeypatch
 ):
-    import napari_sam3.everything as everything
+    import napari_sam3.core.everything as everything
 
     viewer, widget = docked
     load_tiny(widget, qtbot, tiny_tracker_dir, concept_dir)

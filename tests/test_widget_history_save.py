@@ -119,7 +119,7 @@ def test_a_propagation_too_large_for_undo_says_so_and_keeps_earlier_steps(
 
 
 def test_tzyx_labels_save_to_zarr_and_tiff_and_errors_are_shown(make_napari_viewer, tmp_path):
-    from napari_sam3 import io
+    from napari_sam3.core import io
 
     viewer = make_napari_viewer()
     data = np.random.default_rng(0).integers(0, 4, (3, 4, 20, 30)).astype(np.int32)

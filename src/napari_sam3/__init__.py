@@ -3,18 +3,18 @@
 ``Sam3Segmenter`` loads torch lazily: importing this package stays light.
 """
 
-from .prompts import ObjectPrompt, PromptError
+from .core.prompts import ObjectPrompt, PromptError
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
     if name == "Sam3Segmenter":
-        from .segmenter import Sam3Segmenter
+        from .core.segmenter import Sam3Segmenter
 
         return Sam3Segmenter
     if name == "ConceptSegmenter":
-        from .concept import ConceptSegmenter
+        from .core.concept import ConceptSegmenter
 
         return ConceptSegmenter
     raise AttributeError(name)

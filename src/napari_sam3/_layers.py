@@ -2,7 +2,7 @@
 
 The functions take plain layer *data* (arrays, shape types, feature tables) so
 they work without napari. Coordinates stay in napari (row, col) order here; the
-swap to SAM's (x, y) happens only in :func:`napari_sam3.prompts.rowcol_to_xy`.
+swap to SAM's (x, y) happens only in :func:`napari_sam3.core.prompts.rowcol_to_xy`.
 
 Conventions of the widget's prompt layers:
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .prompts import ObjectPrompt, PromptError
+from .core.prompts import ObjectPrompt, PromptError
 
 POSITIVE_COLOR = np.array([0.1, 0.85, 0.1, 1.0])  # green: inside the object
 NEGATIVE_COLOR = np.array([0.95, 0.15, 0.15, 1.0])  # red: outside the object

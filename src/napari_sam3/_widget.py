@@ -171,7 +171,7 @@ class Sam3Widget(
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent=None):
         super().__init__(parent)
-        from .postprocess import DEFAULTS
+        from .core.postprocess import DEFAULTS
 
         self.viewer = napari_viewer
         self.segmenter = None

@@ -27,8 +27,8 @@ from ._widget_instances import INSTANCE_SCOPES
 from ._widget_layers import EXEMPLARS_NAME
 from ._widget_model import DEFAULT_MODEL
 from ._widget_tasks import PRECOMPUTE_SCOPES
-from .embedding_store import default_cache_path
-from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from .core.embedding_store import default_cache_path
+from .core.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DIRECTIONS = ("both", "forward", "backward")  # same names as propagation.DIRECTIONS
@@ -233,7 +233,7 @@ class _ControlsMixin:
         return box
 
     def _build_instances_box(self) -> QGroupBox:
-        from .everything import SETTINGS
+        from .core.everything import SETTINGS
 
         box = QGroupBox("Segment everything / concepts")
         box.setCheckable(True)  # unchecked: folded away

@@ -6,7 +6,7 @@ import functools
 import logging
 
 from . import _layers
-from .prompts import PromptError
+from .core.prompts import PromptError
 
 log = logging.getLogger("napari_sam3._widget")  # one logger for every module of the widget
 
@@ -44,7 +44,7 @@ def _shielded(fn):
 
 def _user_message(exc: BaseException) -> str:
     """One line for the user: our own errors carry it, others get their type."""
-    from .model import ModelLoadError
+    from .core.model import ModelLoadError
 
     exc = getattr(exc, "original", exc)  # _WorkerError
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

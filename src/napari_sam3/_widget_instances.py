@@ -6,7 +6,7 @@ from . import _layers
 from ._widget_errors import _guarded, _UserError
 from ._widget_jobs import _concept_job, _everything_job, _Task
 from ._widget_layers import EXEMPLARS_NAME, _Source
-from .prompts import PromptError
+from .core.prompts import PromptError
 
 INSTANCE_SCOPES = ("current slice", "whole stack")
 DEFAULT_MIN_SCORE = 0.05  # same as concept.DEFAULT_MIN_SCORE
@@ -22,7 +22,7 @@ class _InstancesMixin:
 
     def everything_settings(self):
         """``EverythingSettings`` from the section's parameters and the post-processing ones."""
-        from .everything import EverythingSettings
+        from .core.everything import EverythingSettings
 
         return EverythingSettings(
             points_per_side=int(self.points_per_side_spin.value()),

@@ -61,7 +61,7 @@ class _Task:
 def _load_segmenter(
     model: str, device: str, cache=None, tile_size=None, overlap=None, on_cache_warning=None
 ):
-    from .segmenter import Sam3Segmenter
+    from .core.segmenter import Sam3Segmenter
 
     return Sam3Segmenter.from_pretrained(
         model,
@@ -89,7 +89,7 @@ def _locked(gen, lock):
 
 def _segment_job(segmenter, lock, req: _Request):
     """Generator run in a worker thread; each yield is a point where Cancel can stop it."""
-    from .postprocess import masks_to_labels
+    from .core.postprocess import masks_to_labels
 
     yield "cache"
     with lock:
@@ -140,7 +140,7 @@ def _concept_job(segmenter, lock, holder, model, planes, text, options, progress
     """Find the concept on each ``(slice, plane, boxes, labels)``; loads the detector first
     if ``holder`` has none. Yields ("loading", model) and ("slice", i, n, slice) steps;
     returns ``[(slice, ConceptResult)]``."""
-    from .concept import ConceptSegmenter
+    from .core.concept import ConceptSegmenter
 
     concept = holder.get("concept")
     if concept is None:
@@ -167,7 +167,7 @@ def _concept_job(segmenter, lock, holder, model, planes, text, options, progress
 
 def _everything_job(segmenter, lock, planes, settings, limits, progress):
     """Segment everything on each ``(slice, plane)``; returns ``[(slice, EverythingResult)]``."""
-    from .everything import generate_everything
+    from .core.everything import generate_everything
 
     results = []
     n = len(planes)

@@ -132,7 +132,7 @@ class _ModelMixin:
 
     @_guarded
     def _on_model_error(self, exc) -> None:
-        from .model import ModelLoadError
+        from .core.model import ModelLoadError
 
         msg = _user_message(exc)
         if not isinstance(exc, ModelLoadError):

@@ -12,7 +12,7 @@ from . import _layers
 from ._widget_errors import _guarded, _shielded, _user_message, _UserError
 from ._widget_jobs import _Request, _segment_job
 from ._widget_layers import PREVIEW_NAME, _same, _unwrap
-from .prompts import PromptError
+from .core.prompts import PromptError
 
 
 @dataclass
@@ -308,7 +308,7 @@ class _SegmentMixin:
                 f"the image is {tuple(st.spatial_shape)}"
             )
             return False
-        from .postprocess import paste_object
+        from .core.postprocess import paste_object
 
         crop = np.asarray(data[st.lead + st.region])
         idx, values = paste_object(

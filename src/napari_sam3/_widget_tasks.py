@@ -11,7 +11,7 @@ from ._widget_errors import _Cancelled, _guarded, _qt_deleted, _shielded, _user_
 from ._widget_jobs import _TASK_NAMES, _precompute_job, _propagate_job, _Task
 from ._widget_layers import _Source, _unwrap
 from ._widget_results import UNDO_PIXELS
-from .prompts import PromptError
+from .core.prompts import PromptError
 
 PRECOMPUTE_SCOPES = ("field of view", "whole image", "all slices")
 
@@ -239,7 +239,7 @@ class _TasksMixin:
 
     def _write_slice(self, task: _Task, result) -> None:
         """One propagated slice into the labels layer, whole, on the GUI thread."""
-        from .segmenter import write_slice
+        from .core.segmenter import write_slice
 
         if not self._layer_alive(task.labels):
             task.cancelled = True
@@ -275,7 +275,7 @@ class _TasksMixin:
             return
         task.failed = True
         if task.kind == "concept" and task.step == "loading":
-            from .model import ModelLoadError
+            from .core.model import ModelLoadError
 
             msg = _user_message(exc)
             if not isinstance(exc, ModelLoadError):

@@ -1,4 +1,4 @@
-"""npe2 single-layer writers for labels layers (thin wrappers around :mod:`napari_sam3.io`).
+"""npe2 single-layer writers for labels layers (thin wrappers around :mod:`napari_sam3.core.io`).
 
 napari's save dialog has already asked before replacing a file, so these overwrite.
 Labels of any dimensionality napari holds (2 to 5 axes, OME-NGFF's t, c, z, y, x) are
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import io
+from .core import io
 
 
 class LabelsWriteError(OSError):

@@ -37,7 +37,7 @@ from ._cli.precompute import cmd_precompute
 from ._cli.segment import cmd_segment
 from ._cli.segment_instances import DEFAULT_THRESHOLD as _DEFAULT_THRESHOLD
 from ._cli.view import cmd_view
-from .model import DEFAULT_MODEL
+from .core.model import DEFAULT_MODEL
 
 _DIRECTIONS = ("forward", "backward", "both")  # as propagation.DIRECTIONS (not imported: light)
 
@@ -183,9 +183,9 @@ def _add_image_options(p, cache_required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .embedding_store import default_cache_path
-    from .everything import SETTINGS as EVERYTHING
-    from .postprocess import DEFAULTS
+    from .core.embedding_store import default_cache_path
+    from .core.everything import SETTINGS as EVERYTHING
+    from .core.postprocess import DEFAULTS
 
     parser = _Parser(
         prog=PROG,
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
             "detector). --everything: every object, from a grid of point prompts. The last "
             "two run tile by tile on large images and slice by slice on stacks (ids unique "
             "across slices) and also write each instance's score: in the labels group's "
-            "attributes (napari_sam3.instances) for .zarr, in OUT.csv next to a .tif."
+            "attributes (napari_sam3.core.instances) for .zarr, in OUT.csv next to a .tif."
         ),
         epilog=(
             "PROMPTS.json is a list with one entry per object, e.g. "

@@ -158,7 +158,7 @@ def reference_paste_objects(out, objects, ids=None, max_hole_area=0, max_sprinkl
     benchmarked against. Highest logit wins, ties to the earlier object."""
     import numpy as np
 
-    from .postprocess import clean_mask
+    from .core.postprocess import clean_mask
 
     n = len(objects)
     ids = list(range(1, n + 1)) if ids is None else [int(i) for i in ids]

@@ -3,7 +3,7 @@
 No download: the config is built from transformers' config classes and the CLIP
 tokenizer from a byte-level vocabulary made here, then saved with
 ``save_pretrained`` (safetensors) and loaded back through
-:meth:`napari_sam3.concept.ConceptSegmenter.from_pretrained`, like a real
+:meth:`napari_sam3.core.concept.ConceptSegmenter.from_pretrained`, like a real
 ``facebook/sam3`` checkpoint.
 """
 

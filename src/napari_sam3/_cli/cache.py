@@ -15,7 +15,7 @@ def cache_path(value: str | None) -> Path | None:
     if value is None:
         return None
     if value == "default":
-        from ..embedding_store import default_cache_path
+        from ..core.embedding_store import default_cache_path
 
         return default_cache_path()
     return Path(value).expanduser()
@@ -25,7 +25,7 @@ def cache_problem(path: Path) -> str | None:
     """Why ``path`` cannot be the cache, or None; changes nothing on disk. The store
     decides (``embedding_store.location_problem``): a folder of other files, another Zarr
     store, a store of another format version, a file, a place that cannot be written."""
-    from ..embedding_store import location_problem
+    from ..core.embedding_store import location_problem
 
     why = location_problem(path)
     return None if why is None else f"cannot use the embedding cache at {path} ({why})"
@@ -51,7 +51,7 @@ def human_bytes(n: int) -> str:
 
 def _open_existing_cache(args):
     """The EmbeddingStore at --cache if a napari-sam3 cache is there; None if nothing is."""
-    from ..embedding_store import EmbeddingStore
+    from ..core.embedding_store import EmbeddingStore
 
     path = cache_path(args.cache)
     if not path.exists():
@@ -63,7 +63,7 @@ def _open_existing_cache(args):
 
 
 def cmd_cache_info(args) -> int:
-    from ..embedding_store import ORPHAN_AGE_S
+    from ..core.embedding_store import ORPHAN_AGE_S
 
     path, store = _open_existing_cache(args)
     entries = len(store.disk_entries()) if store else 0

@@ -61,7 +61,7 @@ class Input:
 
 def read_image(path: str):
     """``io.read_image``; an unreadable file is one error line."""
-    from .. import io
+    from ..core import io
 
     try:
         return io.read_image(path)
@@ -77,7 +77,7 @@ def load_input(path: str, axis: int | None = None) -> Input:
     """
     import numpy as np
 
-    from ..propagation import StackFrames
+    from ..core.propagation import StackFrames
 
     data = read_image(path)
     shape = tuple(int(s) for s in data.shape)
@@ -141,8 +141,8 @@ def input_from_args(args) -> Input:
 
 def resolve_limits(inp: Input, limits):
     """One set of intensity limits for every tile and slice (read from a sample)."""
-    from ..normalize import image_limits
-    from ..propagation import stack_limits
+    from ..core.normalize import image_limits
+    from ..core.propagation import stack_limits
 
     try:
         return stack_limits(inp.frames, limits) if inp.is_stack else image_limits(inp.plane, limits)

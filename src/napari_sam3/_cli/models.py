@@ -2,7 +2,7 @@
 a checkpoint that cannot be loaded is one error line (exit 2), never a traceback.
 
 The model arguments and --device are checked before torch is imported (a mistyped
-folder fails at once); transformers is kept quiet by :mod:`napari_sam3.model`."""
+folder fails at once); transformers is kept quiet by :mod:`napari_sam3.core.model`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .errors import PROG, CliError, one_line
 
 
 def _load_error(e: Exception, model: str) -> CliError:
-    from ..model import ModelLoadError
+    from ..core.model import ModelLoadError
 
     if isinstance(e, ModelLoadError):
         return CliError(e)
@@ -25,7 +25,7 @@ def _load_error(e: Exception, model: str) -> CliError:
 def checked_model(model: str, device: str):
     """``model.prepare_model`` and the device name, without torch: one error line, or a
     note when a local folder is used for a name that is also a hub id's."""
-    from ..model import ModelLoadError, check_device_name, prepare_model
+    from ..core.model import ModelLoadError, check_device_name, prepare_model
 
     try:
         check_device_name(device)
@@ -58,7 +58,7 @@ def load_segmenter(args, cache: Path | None, on_cache_warning, video: bool = Fal
     """Sam3Segmenter.from_pretrained (--model); with ``video``, its video tracker too."""
 
     def load(model, **options):
-        from ..segmenter import Sam3Segmenter
+        from ..core.segmenter import Sam3Segmenter
 
         segmenter = Sam3Segmenter.from_pretrained(model, **options)
         if video:
@@ -72,7 +72,7 @@ def load_concept(args, cache: Path | None, on_cache_warning):
     """ConceptSegmenter.from_pretrained (--concept-model, else --model); errors exit 2."""
 
     def load(model, **options):
-        from ..concept import ConceptSegmenter
+        from ..core.concept import ConceptSegmenter
 
         return ConceptSegmenter.from_pretrained(model, **options)
 

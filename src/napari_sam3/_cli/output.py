@@ -36,7 +36,7 @@ def _exists_error(shown: str) -> CliError:
 
 def _not_replaceable(path: Path, image_path: str | None) -> str | None:
     """Why --overwrite may not replace the existing ``path``, or None."""
-    from .. import io
+    from ..core import io
 
     target = path.resolve()
     if image_path is not None:
@@ -69,7 +69,7 @@ def _check_replaceable(path: Path, shown: str, image_path: str | None, overwrite
 
 def check_output(out: str, image_path: str, overwrite: bool) -> Path:
     """OUT as a Path: a label suffix, replaceable, in a writable folder."""
-    from .. import io
+    from ..core import io
 
     p = Path(out)
     if p.suffix.lower() not in io.LABEL_SUFFIXES:
@@ -167,7 +167,7 @@ def new_labels(staged: Path, shape: tuple):
     """Empty int32 labels for the staged OUT: for .zarr an NGFF labels group there, filled
     region by region (the label image is never all in memory), else a NumPy array."""
     if staged.suffix.lower() == ".zarr":
-        from .. import io
+        from ..core import io
 
         return io.create_labels_zarr(staged, shape, name=staged.stem, overwrite=True)
     import numpy as np
@@ -200,7 +200,7 @@ def count_labels(labels) -> tuple[dict[int, int], int]:
     """Pixels per id and the number of labelled slices, read one chunk at a time."""
     import numpy as np
 
-    from .. import io
+    from ..core import io
 
     counts: dict[int, int] = {}
     planes = (

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..prompts import PromptError, check_box
+from ..core.prompts import PromptError, check_box
 from .errors import CliError
 from .inputs import Input
 
@@ -120,7 +120,7 @@ def load_prompts(path: str, inp: Input) -> list[PromptedObject]:
     """Parse PROMPTS.json into objects, each inside its image or slice."""
     import numpy as np
 
-    from ..prompts import ObjectPrompt, PromptError
+    from ..core.prompts import ObjectPrompt, PromptError
 
     data = _read_json(path, "prompts")
     if not isinstance(data, list):

@@ -73,7 +73,7 @@ def segment_instances(args, mode: str, inp: Input) -> int:
         def paint(result, target, start_id):
             result.relabel(out=target, start_id=start_id)
     else:
-        from ..everything import SETTINGS, generate_everything
+        from ..core.everything import SETTINGS, generate_everything
 
         chosen = {
             name: getattr(args, name)
@@ -118,7 +118,7 @@ def segment_instances(args, mode: str, inp: Input) -> int:
         if csv_path is None:
             write_scores_attrs(staged, mode, settings, rows)
         else:
-            from .. import io
+            from ..core import io
 
             io.write_labels(staged, labels)
             staged_csv = staged.parent / csv_path.name
@@ -136,7 +136,7 @@ def segment_instances(args, mode: str, inp: Input) -> int:
     else:
         found = _count(len(rows), "object")
     on = f", on {labelled} of {inp.depth} slices" if inp.is_stack else ""
-    scores = csv_path if csv_path is not None else f"{out} attributes (napari_sam3.instances)"
+    scores = csv_path if csv_path is not None else f"{out} attributes (napari_sam3.core.instances)"
     print(f"found {found} in a {inp.describe()}{on}; wrote {out}; scores in {scores}")
     return 0
 

@@ -73,7 +73,7 @@ def segment_prompts(args, inp: Input) -> int:
                 segmenter.segment(image, prompts, ids=ids, limits=limits, out=target, **post)
         counts, labelled = count_labels(labels)
         if out.suffix.lower() != ".zarr":
-            from .. import io
+            from ..core import io
 
             io.write_labels(staged, labels)
         commit(staged, out, args.overwrite)
@@ -98,7 +98,7 @@ def _propagate(segmenter, inp: Input, prompts_by_slice, labels, limits, args, po
                slices: tuple[int, int]) -> None:
     """``Sam3Segmenter.iter_propagate`` over ``slices`` (start, stop excluded) into
     ``labels``, with a progress line per slice."""
-    from ..segmenter import write_slice
+    from ..core.segmenter import write_slice
 
     results = segmenter.iter_propagate(
         inp.data,
