@@ -291,7 +291,7 @@ def concept_tile(label: str, cs, rgb: np.ndarray, repeats: int, *, full: bool = 
     """Ours (cold, warm, +labels) vs the recipe and the bare model with features given."""
     import torch
 
-    from napari_sam3.core.concept import DEFAULT_MIN_SCORE
+    from napari_sam3.core.defaults import DEFAULT_MIN_SCORE
 
     model, proc = cs.model, cs.processor
     sizes = [tuple(rgb.shape[:2])]

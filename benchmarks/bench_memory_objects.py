@@ -77,7 +77,8 @@ def old_predict_objects(seg, image, prompts):
     upsampled in one batch; every object keeps its whole tile of logits."""
     import torch
 
-    from napari_sam3.core.segmenter import ObjectMask, _to_tile_frame, prompt_bbox
+    from napari_sam3.core.prompts import prompt_bbox, prompt_in_tile
+    from napari_sam3.core.segmenter import ObjectMask
 
     grid = seg.tiles(image)
     limits = seg.resolve_limits(image, None)
@@ -87,7 +88,7 @@ def old_predict_objects(seg, image, prompts):
     results = [None] * len(prompts)
     for tile, idx in by_tile.items():
         emb = seg.encode_tile(image, grid, tile, limits)
-        local = [_to_tile_frame(prompts[i], tile, grid.padded_shape(tile)) for i in idx]
+        local = [prompt_in_tile(prompts[i], tile, grid.padded_shape(tile)) for i in idx]
         h, w = tile.shape
         tensors = {k: v.to(seg.device) for k, v in
                    seg._prompt_tensors(emb.image_shape, local).items()}  # all one-point

@@ -41,13 +41,13 @@ def load(widget, qtbot, folder, cache=""):
     """Type a model folder, press Load model, wait for it."""
     from qtpy.QtCore import Qt
 
-    widget.model_edit.setText(str(folder))
-    widget.device_combo.setCurrentText("cpu")
-    widget.cache_edit.setText(str(cache))
-    qtbot.mouseClick(widget.load_button, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: widget.load_worker is None, timeout=WAIT_MS)
-    assert widget.segmenter is not None, widget.status
-    return widget.segmenter
+    widget.model_section.model_edit.setText(str(folder))
+    widget.model_section.device_combo.setCurrentText("cpu")
+    widget.cache_section.cache_edit.setText(str(cache))
+    qtbot.mouseClick(widget.model_section.load_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: widget.model_section.load_worker is None, timeout=WAIT_MS)
+    assert widget.session.segmenter is not None, widget.status
+    return widget.session.segmenter
 
 
 def wait_idle(widget, qtbot):
@@ -90,3 +90,17 @@ def key(viewer, qtbot, layer, key_name: str, *modifiers: str):
     native = viewer.window._qt_viewer.canvas.native
     native.setFocus()
     qtbot.keyClick(native, getattr(Qt.Key, f"Key_{key_name}"), mods)
+
+
+def press(qtbot, button):
+    """Click a button as a user does: first open the collapsed section holding it."""
+    from qtpy.QtCore import Qt
+    from superqt import QCollapsible
+
+    parent = button.parentWidget()
+    while parent is not None:
+        if isinstance(parent, QCollapsible) and not parent.isExpanded():
+            parent.expand(animate=False)
+        parent = parent.parentWidget()
+    qtbot.waitUntil(lambda: button.height() > 0 and button.isVisible(), timeout=5000)
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)

@@ -5,6 +5,7 @@ input is one line, exit 2, nothing written."""
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import zarr
 
 from napari_sam3 import Sam3Segmenter, cli
 from napari_sam3.core import io
-from napari_sam3.core.concept import DEFAULT_THRESHOLD, ConceptSegmenter
+from napari_sam3.core.concept import ConceptSegmenter
+from napari_sam3.core.defaults import DEFAULT_THRESHOLD
 from napari_sam3.core.everything import SETTINGS, EverythingSettings
 
 H, W = 60, 90
@@ -121,7 +123,7 @@ def test_text_equals_api(work, concept, concept_dir, capsys, name):
     rows = _check_scores(out, got)
     assert all(r["score"] > THRESHOLD for r in rows) and "presence" in rows[0]
     res = concept.detect(img, "nucleus", threshold=THRESHOLD)
-    res.relabel()
+    res.paint()
     np.testing.assert_array_equal([r["score"] for r in rows], res.features["score"])
     # one summary line: instances found, output, scores
     assert cap.out.count("\n") == 1
@@ -539,9 +541,11 @@ def test_failed_write_leaves_nothing(work, tiny_tracker_dir, monkeypatch, capsys
 
 
 def test_defaults_match_the_library(capsys):
-    assert cli._DEFAULT_THRESHOLD == DEFAULT_THRESHOLD
+    library = inspect.signature(ConceptSegmenter.detect).parameters["threshold"].default
+    assert cli.DEFAULT_THRESHOLD == DEFAULT_THRESHOLD == library  # one constant, core.defaults
     assert cli.main(["segment", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {DEFAULT_THRESHOLD})" in text
     for flag in (
         "--text",
         "--exemplars",

@@ -98,7 +98,7 @@ def test_single_tile_matches_transformers_recipe(concept, reference, case):
         assert np.float32(inst.score) == np.float32(score)
         np.testing.assert_array_equal(inst.full(rgb.shape[:2]), mask)
     threshold = float(np.median([s for s, _ in theirs]))
-    labels = res.relabel(threshold)
+    labels = res.paint(threshold=threshold)
     above = [m for s, m in theirs if s > threshold]
     assert 0 < len(above) < len(theirs)
     np.testing.assert_array_equal(labels, paint(above, labels.shape))
@@ -114,19 +114,19 @@ def test_threshold_changes_never_run_the_model(concept):
     enc, dec = concept.encoder_calls, concept.decoder_calls
     scores = sorted(x.score for x in res.candidates)
     for t in np.linspace(scores[0], scores[-1], 7):
-        res.relabel(float(t))
+        res.paint(threshold=float(t))
     assert concept.encoder_calls == enc and concept.decoder_calls == dec
     counts = []
     for t in (scores[0] - 1e-6, scores[len(scores) // 2], scores[-1]):
-        labels = res.relabel(t)
+        labels = res.paint(threshold=t)
         counts.append(len(res.features["index"]))
         assert labels.dtype == np.int32 and res.threshold == t
-        fresh = concept.detect(rgb, "cell", threshold=t, **EXACT).relabel()
+        fresh = concept.detect(rgb, "cell", threshold=t, **EXACT).paint()
         np.testing.assert_array_equal(labels, fresh)
     assert counts[0] >= counts[1] >= counts[2] == 0
     assert concept.encoder_calls == enc  # fresh detections reused the cached ViT features
     with pytest.raises(ValueError, match="min_score"):
-        concept.detect(rgb, "cell", min_score=0.2).relabel(0.1)
+        concept.detect(rgb, "cell", min_score=0.2).paint(threshold=0.1)
 
 
 def test_text_and_vision_features_are_cached(concept):
@@ -178,7 +178,7 @@ def test_tiled_labels_have_each_instance_once(tiled):
             if a.tile != b.tile:
                 shared = intersect(tile_box(grid.tiles[a.tile]), tile_box(grid.tiles[b.tile]))
                 assert shared is None or mask_iou(a, b, shared) <= 0.5
-    labels = res.relabel(threshold)
+    labels = res.paint(threshold=threshold)
     ids = sorted(set(np.unique(labels)) - {0})
     assert ids == list(res.features["index"]) == list(range(1, len(ids) + 1))
     np.testing.assert_array_equal(np.bincount(labels.ravel())[1:], res.features["area"])

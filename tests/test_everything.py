@@ -99,7 +99,7 @@ def test_single_tile_matches_mask_generation_pipeline(generator, tiny_segmenter,
     for inst, (mask, score) in zip(res.instances, theirs, strict=True):
         assert np.float32(inst.score) == np.float32(score)
         np.testing.assert_array_equal(inst.full(img.shape[:2]), mask)
-    labels = res.labels()
+    labels = res.paint()
     np.testing.assert_array_equal(labels, reference_labels([m for m, _ in theirs], labels.shape))
     table = res.features
     assert set(table) >= {"index", "score", "area", "iou_score", "stability_score"}
@@ -186,7 +186,7 @@ def test_tiled_run_has_each_instance_once(tiled_segmenter, monkeypatch):
                 continue
             shared = intersect(tile_box(grid.tiles[a.tile]), tile_box(grid.tiles[b.tile]))
             assert shared is None or mask_iou(a, b, shared) <= 0.5
-    labels = res.labels()
+    labels = res.paint()
     table = res.features
     ids = sorted(set(np.unique(labels)) - {0})
     assert ids == list(table["index"]) == list(range(1, len(ids) + 1))

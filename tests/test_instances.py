@@ -217,3 +217,81 @@ def test_paint_labels_into_zarr(tmp_path):
     paint_labels([inst], out=z)
     arr = z[...]
     assert (arr[0:2, 0:2] == 3).all() and (arr[2:10, 0:10] == 4).all() and arr[10:].sum() == 0
+
+
+# -- one result protocol, ids continuing across slices -----------------------------------------
+def _results(shape=(30, 30)):
+    """A concept result (two candidates, one below 0.5) and an everything result, by hand."""
+    from napari_sam3.core.concept import ConceptResult
+    from napari_sam3.core.everything import EverythingResult, EverythingSettings
+
+    a = Instance.from_mask(rect(2, 2, 8, 8, shape), 0.9, presence=0.7)
+    b = Instance.from_mask(rect(20, 20, 26, 26, shape), 0.3, presence=0.7)
+    concept = ConceptResult(shape, TileGrid(shape, 112, 28), [a, b], min_score=0.05,
+                            max_hole_area=0, max_sprinkle_area=0)
+    c = Instance.from_mask(rect(10, 10, 16, 16, shape), 0.8, iou_score=0.8,
+                           stability_score=0.9)
+    everything = EverythingResult(shape, [c], EverythingSettings(min_area=0))
+    return concept, everything
+
+
+def test_results_share_one_protocol():
+    from napari_sam3.core.instances import InstanceResult
+
+    concept, everything = _results()
+    assert isinstance(concept, InstanceResult) and isinstance(everything, InstanceResult)
+    assert concept.items is concept.candidates and everything.items is everything.instances
+    assert concept.min_score == 0.05 and everything.min_score == 0.0
+    low = concept.paint(threshold=0.2)
+    assert sorted(np.unique(low).tolist()) == [0, 1, 2] and concept.threshold == 0.2
+    high = concept.paint()  # the threshold last used
+    np.testing.assert_array_equal(high, low)
+    np.testing.assert_array_equal(concept.paint(threshold=0.5), (low == 1).astype(np.int32))
+    assert list(concept.features["index"]) == [1] and "presence" in concept.features
+    labels = everything.paint(threshold=0.99)  # no threshold for everything: all painted
+    assert (labels[10:16, 10:16] == 1).all() and labels.sum() == 36
+    assert set(everything.features) >= {"index", "score", "area", "iou_score", "stability_score"}
+
+
+def test_paint_in_sequence_continues_ids():
+    from napari_sam3.core.instances import paint_in_sequence
+    from napari_sam3.core.planes import OffsetView
+
+    concept, everything = _results()
+    first, second, third = (np.zeros((30, 30), np.int32) for _ in range(3))
+    second[0:2, 0:2] = 40  # an existing label: kept, not counted
+    empty = type(everything)((30, 30), [], everything.settings)
+    nxt = paint_in_sequence([(concept, first), (empty, third), (everything, second)],
+                            start_id=5, threshold=0.2)
+    assert nxt == 8
+    assert (first[2:8, 2:8] == 5).all() and (first[20:26, 20:26] == 6).all()
+    assert not third.any()
+    assert (second[10:16, 10:16] == 7).all() and (second[0:2, 0:2] == 40).all()
+    assert paint_in_sequence([(empty, third)], start_id=3) == 3
+    # overwrite, into an OffsetView of a plane (what the widget paints into)
+    plane = np.full((30, 30), 2, np.int32)
+    crop = plane[8:18, 8:18].copy()
+    assert paint_in_sequence([(everything, OffsetView(crop, (8, 8), (30, 30)))], start_id=3,
+                             overwrite=True) == 4
+    assert (crop[2:8, 2:8] == 3).all() and (crop == 3).sum() == 36
+
+
+def test_segment_stack_ids_continue_from_existing_labels():
+    from napari_sam3.core.everything import segment_stack
+
+    _, everything = _results()
+    stack = np.zeros((3, 30, 30), np.uint8)
+    out = np.zeros((3, 30, 30), np.int32)
+    out[1, 0:2, 0:2] = 9
+    seen = []
+
+    def detect(plane):
+        seen.append(plane.shape)
+        return everything
+
+    segment_stack(detect, stack, out)
+    assert seen == [(30, 30)] * 3
+    assert [int(out[z, 12, 12]) for z in range(3)] == [10, 11, 12]
+    assert (out[1, 0:2, 0:2] == 9).all()
+    with pytest.raises(ValueError):
+        segment_stack(detect, stack, np.zeros((2, 30, 30), np.int32))

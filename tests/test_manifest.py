@@ -50,6 +50,8 @@ def test_contributions(manifest):
     c = manifest.contributions
     (widget,) = c.widgets
     assert widget.display_name == "SAM3 segmentation"
+    # napari's Plugins menu reads "<widget> (<plugin>)": the two names must differ
+    assert manifest.display_name == "napari-sam3" != widget.display_name
     assert widget.command == "napari-sam3.make_widget"
 
     writers = {w.command: w for w in c.writers}

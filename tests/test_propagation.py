@@ -136,7 +136,7 @@ def test_cancel_keeps_finished_slices_only(seg, stack):
     out = np.zeros(stack.shape[:3], np.int32)
     it = seg.iter_propagate(stack, {2: [ObjectPrompt(points=[(48, 40)])]}, direction="forward",
                             stop_after=10 ** 6)
-    from napari_sam3.core.segmenter import write_slice
+    from napari_sam3.core.propagation import write_slice
 
     done = []
     for r in it:

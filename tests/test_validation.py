@@ -13,8 +13,8 @@ import tifffile
 
 from napari_sam3 import ObjectPrompt, PromptError, Sam3Segmenter, cli
 from napari_sam3.core import io
+from napari_sam3.core.prompts import prompt_bbox
 from napari_sam3.core.propagation import StackFrames
-from napari_sam3.core.segmenter import prompt_bbox
 
 H, W = 40, 56
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gui import Notes, unwrap
+from gui import Notes, press, unwrap
 
-from napari_sam3 import ObjectPrompt, PromptError, _layers
+from napari_sam3 import ObjectPrompt, PromptError
 from napari_sam3.core.postprocess import PostProcessing
+from napari_sam3.widget import layer_data as _layers
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -111,7 +112,7 @@ def test_to_image_coords_follows_layer_transforms():
 
 def test_widget_module_does_not_import_torch():
     code = (
-        "import sys, napari_sam3._widget; "
+        "import sys, napari_sam3.widget.dock; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -146,28 +147,27 @@ def docked(make_napari_viewer, qtbot):
 
 
 def load_tiny(widget, qtbot, folder):
-    from qtpy.QtCore import Qt
 
-    widget.model_edit.setText(str(folder))
-    widget.device_combo.setCurrentText("cpu")
-    widget.cache_edit.setText("")  # memory only and untiled, as tiny_segmenter
-    widget.tile_spin.setValue(1024)
-    qtbot.mouseClick(widget.load_button, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: widget.load_worker is None, timeout=WAIT_MS)
-    assert widget.segmenter is not None, widget.status
+    widget.model_section.model_edit.setText(str(folder))
+    widget.model_section.device_combo.setCurrentText("cpu")
+    widget.cache_section.cache_edit.setText("")  # memory only and untiled, as tiny_segmenter
+    widget.cache_section.tile_spin.setValue(1024)
+    press(qtbot, widget.model_section.load_button)
+    qtbot.waitUntil(lambda: widget.model_section.load_worker is None, timeout=WAIT_MS)
+    assert widget.session.segmenter is not None, widget.status
 
 
 def add_image(viewer, widget, qtbot, img, **kwargs):
     layer = viewer.add_image(img, name="cells", contrast_limits=LIMITS, **kwargs)
     qtbot.waitUntil(
         lambda: (
-            widget.points_layer is not None
-            and widget.points_layer.name == "SAM3 points"
-            and widget.preview_layer is not None
+            widget.binder.points_layer is not None
+            and widget.binder.points_layer.name == "SAM3 points"
+            and widget.binder.preview_layer is not None
         ),
         timeout=WAIT_MS,
     )
-    assert unwrap(widget.image_layer) is layer
+    assert unwrap(widget.binder.image_layer) is layer
     return layer
 
 
@@ -209,8 +209,8 @@ def click(viewer, qtbot, layer, row, col):
 def core_labels(segmenter, img, prompt, widget=None):
     """The direct core result with the widget's post-processing settings."""
     pp = PostProcessing()
-    hole = pp.max_hole_area if widget is None else widget.max_hole_area.value()
-    sprinkle = pp.max_sprinkle_area if widget is None else widget.max_sprinkle_area.value()
+    hole = pp.max_hole_area if widget is None else widget.post_section.max_hole_area.value()
+    sprinkle = pp.max_sprinkle_area if widget is None else widget.post_section.max_sprinkle_area.value()
     return segmenter.segment(
         img, [prompt], max_hole_area=hole, max_sprinkle_area=sprinkle, limits=LIMITS
     )
@@ -220,22 +220,21 @@ def core_labels(segmenter, img, prompt, widget=None):
 def test_click_preview_commit_second_object_undo_screenshot(
     docked, qtbot, tiny_tracker_dir, tiny_segmenter, gray_image
 ):
-    from qtpy.QtCore import Qt
 
-    from napari_sam3._widget import Sam3Widget
+    from napari_sam3.widget.dock import Sam3Widget
 
     viewer, widget = docked
     assert isinstance(widget, Sam3Widget)
-    assert widget.model_edit.text() == "facebook/sam3"
-    assert widget.max_hole_area.value() == PostProcessing().max_hole_area
-    assert widget.max_sprinkle_area.value() == PostProcessing().max_sprinkle_area
-    assert widget.live_checkbox.isChecked() and not widget.overwrite_checkbox.isChecked()
-    assert widget.segmenter is None
+    assert widget.model_section.model_edit.text() == "facebook/sam3"
+    assert widget.post_section.max_hole_area.value() == PostProcessing().max_hole_area
+    assert widget.post_section.max_sprinkle_area.value() == PostProcessing().max_sprinkle_area
+    assert widget.object_section.live_checkbox.isChecked() and not widget.post_section.overwrite_checkbox.isChecked()
+    assert widget.session.segmenter is None
     notes = Notes()
 
     load_tiny(widget, qtbot, tiny_tracker_dir)
     image = add_image(viewer, widget, qtbot, gray_image)
-    assert unwrap(widget.image_layer) is image
+    assert unwrap(widget.binder.image_layer) is image
     assert {ly.name for ly in viewer.layers} >= {
         "SAM3 points",
         "SAM3 boxes",
@@ -243,12 +242,12 @@ def test_click_preview_commit_second_object_undo_screenshot(
         "SAM3 labels",
     }
     points, labels, preview = (
-        unwrap(widget.points_layer),
-        unwrap(widget.labels_layer),
-        unwrap(widget.preview_layer),
+        unwrap(widget.binder.points_layer),
+        unwrap(widget.binder.labels_layer),
+        unwrap(widget.binder.preview_layer),
     )
     assert labels.name == "SAM3 labels" and labels.data.shape == gray_image.shape
-    assert widget.object_id == 1
+    assert widget.session.object_id == 1
 
     # object 1: a real click on the canvas; the live preview follows
     r1, c1 = click(viewer, qtbot, points, 30, 40)
@@ -263,11 +262,11 @@ def test_click_preview_commit_second_object_undo_screenshot(
     np.testing.assert_array_equal(preview.data, np.where(mask1, 1, 0))
     assert "Object 1" in widget.status
 
-    qtbot.mouseClick(widget.commit_button, Qt.MouseButton.LeftButton)
+    press(qtbot, widget.object_section.commit_button)
     after_first = labels.data.copy()
     np.testing.assert_array_equal(after_first, np.where(mask1, 1, 0))
     assert len(points.data) == 0 and not preview.data.any()
-    assert widget.object_id == 2  # New object: max(label ids, prompt ids) + 1
+    assert widget.session.object_id == 2  # New object: max(label ids, prompt ids) + 1
 
     # object 2 overlaps object 1: the commit must not take object 1's pixels
     candidates = [(r, c) for r in range(8, 72, 8) for c in range(8, 120, 8)]
@@ -290,10 +289,10 @@ def test_click_preview_commit_second_object_undo_screenshot(
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     assert arr.shape[0] > 300 and arr.shape[1] > 500 and arr[..., :3].std() > 10
 
-    assert widget.commit()
+    assert widget.object_section.commit()
     np.testing.assert_array_equal(labels.data[mask1], 1)  # object 1 untouched
     np.testing.assert_array_equal(labels.data == 2, mask2 & ~mask1)
-    assert widget.object_id == 3
+    assert widget.session.object_id == 3
 
     labels.undo()  # napari's undo reverts the second commit ...
     np.testing.assert_array_equal(labels.data, after_first)
@@ -309,23 +308,23 @@ def test_overwrite_and_refine_selected_label(
     load_tiny(widget, qtbot, tiny_tracker_dir)
     add_image(viewer, widget, qtbot, gray_image)
     labels, preview, points = (
-        unwrap(widget.labels_layer),
-        unwrap(widget.preview_layer),
-        unwrap(widget.points_layer),
+        unwrap(widget.binder.labels_layer),
+        unwrap(widget.binder.preview_layer),
+        unwrap(widget.binder.points_layer),
     )
     labels.data_setitem(np.nonzero(np.ones(gray_image.shape, bool)), 9)  # everything is 9
 
     points.add([[40, 60]])
     wait_idle(widget, qtbot)
     mask = core_labels(tiny_segmenter, gray_image, ObjectPrompt(points=[(40, 60)])) > 0
-    widget.overwrite_checkbox.setChecked(True)
-    assert widget.commit()
+    widget.post_section.overwrite_checkbox.setChecked(True)
+    assert widget.object_section.commit()
     np.testing.assert_array_equal(labels.data == 1, mask)
     np.testing.assert_array_equal(labels.data[~mask], 9)
-    assert widget.object_id == 10
+    assert widget.session.object_id == 10
 
-    widget.object_id = 1
-    assert widget.refine_selected()
+    widget.session.object_id = 1
+    assert widget.object_section.refine_selected()
     wait_idle(widget, qtbot)
     expected = core_labels(tiny_segmenter, gray_image, ObjectPrompt(mask=mask)) > 0
     np.testing.assert_array_equal(preview.data, np.where(expected, 1, 0))
@@ -339,16 +338,16 @@ def test_polarity_key_changes_feature_colour_and_prompt(
     viewer, widget = docked
     load_tiny(widget, qtbot, tiny_tracker_dir)
     add_image(viewer, widget, qtbot, gray_image)
-    points, preview = unwrap(widget.points_layer), unwrap(widget.preview_layer)
+    points, preview = unwrap(widget.binder.points_layer), unwrap(widget.binder.preview_layer)
     canvas = viewer.window._qt_viewer.canvas.native
 
     a = click(viewer, qtbot, points, 20, 30)
-    assert widget.positive and points.features["positive"].tolist() == [True]
+    assert widget.object_section.positive and points.features["positive"].tolist() == [True]
     assert points.face_color[0, 1] > points.face_color[0, 0]  # green
     b = click(viewer, qtbot, points, 50, 90)
     assert points.selected_data == {1}
     qtbot.keyClick(canvas, Qt.Key.Key_T)  # the new point and later points become negative
-    assert not widget.positive
+    assert not widget.object_section.positive
     assert points.features["positive"].tolist() == [True, False]
     assert points.face_color[1, 0] > points.face_color[1, 1]  # red
     assert points.face_color[0, 1] > points.face_color[0, 0]  # unchanged
@@ -365,7 +364,7 @@ def test_polarity_key_changes_feature_colour_and_prompt(
     assert points.face_color[2, 0] > points.face_color[2, 1]
     points.selected_data = set()
     qtbot.keyClick(canvas, Qt.Key.Key_T)
-    assert widget.positive and points.features["positive"].tolist() == [True, False, False]
+    assert widget.object_section.positive and points.features["positive"].tolist() == [True, False, False]
     wait_idle(widget, qtbot)
 
 
@@ -375,7 +374,7 @@ def test_box_prompt_and_ignored_non_rectangle(
     viewer, widget = docked
     load_tiny(widget, qtbot, tiny_tracker_dir)
     add_image(viewer, widget, qtbot, gray_image)
-    shapes, preview = unwrap(widget.shapes_layer), unwrap(widget.preview_layer)
+    shapes, preview = unwrap(widget.binder.shapes_layer), unwrap(widget.binder.preview_layer)
     notes = Notes()
 
     shapes.add(np.array([[10, 10], [10, 40], [40, 40], [40, 10]], float), shape_type="ellipse")
@@ -395,12 +394,11 @@ def test_box_prompt_and_ignored_non_rectangle(
 
 
 def test_cancel_drops_the_running_job(docked, qtbot, tiny_tracker_dir, gray_image, monkeypatch):
-    from qtpy.QtCore import Qt
 
     viewer, widget = docked
     load_tiny(widget, qtbot, tiny_tracker_dir)
     add_image(viewer, widget, qtbot, gray_image)
-    seg = widget.segmenter
+    seg = widget.session.segmenter
     started, release = threading.Event(), threading.Event()
     real_encode = seg.encode_rgb
 
@@ -411,27 +409,27 @@ def test_cancel_drops_the_running_job(docked, qtbot, tiny_tracker_dir, gray_imag
 
     monkeypatch.setattr(seg, "encode_rgb", gated_encode)
     labels, preview, points = (
-        unwrap(widget.labels_layer),
-        unwrap(widget.preview_layer),
-        unwrap(widget.points_layer),
+        unwrap(widget.binder.labels_layer),
+        unwrap(widget.binder.preview_layer),
+        unwrap(widget.binder.points_layer),
     )
     points.add([[30, 40]])
     qtbot.waitUntil(started.is_set, timeout=WAIT_MS)
-    worker = widget.current_worker
+    worker = widget.runner.current_worker
     assert worker is not None
-    qtbot.mouseClick(widget.cancel_button, Qt.MouseButton.LeftButton)
+    press(qtbot, widget.object_section.cancel_button)
     release.set()
-    qtbot.waitUntil(lambda: widget.current_worker is None, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: widget.runner.current_worker is None, timeout=WAIT_MS)
     wait_idle(widget, qtbot)
     assert "cancelled" in widget.status.lower()
     assert not preview.data.any() and not labels.data.any()
-    assert widget.preview_mask is None
-    assert not widget.commit()  # nothing to commit
+    assert widget.object_section.preview_mask is None
+    assert not widget.object_section.commit()  # nothing to commit
     assert not labels.data.any()
 
     # the next request works (and reuses the embedding the cancelled job computed)
     calls = seg.encoder_calls
-    assert widget.segment_current()
+    assert widget.object_section.segment_current()
     wait_idle(widget, qtbot)
     assert preview.data.any() and seg.encoder_calls == calls
 
@@ -439,45 +437,44 @@ def test_cancel_drops_the_running_job(docked, qtbot, tiny_tracker_dir, gray_imag
 def test_bad_inputs_notify_and_change_nothing(
     docked, qtbot, tiny_tracker_dir, gray_image, tmp_path
 ):
-    from qtpy.QtCore import Qt
 
     viewer, widget = docked
     notes = Notes()
     add_image(viewer, widget, qtbot, gray_image)
     labels, preview, points = (
-        unwrap(widget.labels_layer),
-        unwrap(widget.preview_layer),
-        unwrap(widget.points_layer),
+        unwrap(widget.binder.labels_layer),
+        unwrap(widget.binder.preview_layer),
+        unwrap(widget.binder.points_layer),
     )
 
     # segmenting without a model
     points.add([[30, 40]])
     wait_idle(widget, qtbot)
-    qtbot.mouseClick(widget.segment_button, Qt.MouseButton.LeftButton)
+    press(qtbot, widget.object_section.segment_button)
     errors = notes.since("error")
     assert any("no SAM3 model loaded" in m for m in errors), errors
     assert "model" in widget.status and not preview.data.any()
 
     # a model folder that does not exist
     notes.reset()
-    widget.model_edit.setText(str(tmp_path / "missing" / "sam3"))
-    qtbot.mouseClick(widget.load_button, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: widget.load_worker is None, timeout=WAIT_MS)
+    widget.model_section.model_edit.setText(str(tmp_path / "missing" / "sam3"))
+    press(qtbot, widget.model_section.load_button)
+    qtbot.waitUntil(lambda: widget.model_section.load_worker is None, timeout=WAIT_MS)
     errors = notes.since("error")
     assert any("no such folder" in m for m in errors), errors
-    assert widget.segmenter is None and widget.load_button.isEnabled()
+    assert widget.session.segmenter is None and widget.model_section.load_button.isEnabled()
     assert len(errors[0].splitlines()) == 1
 
     # a good model, then a failing load keeps it
     load_tiny(widget, qtbot, tiny_tracker_dir)
-    good = widget.segmenter
+    good = widget.session.segmenter
     wait_idle(widget, qtbot)
     assert preview.data.any()  # the pending point is segmented once the model is there
     before = preview.data.copy()
     notes.reset()
-    widget.model_edit.setText(str(tmp_path))  # exists, but no config.json
-    widget.load_model(blocking=True)
-    assert widget.segmenter is good
+    widget.model_section.model_edit.setText(str(tmp_path))  # exists, but no config.json
+    widget.model_section.load_model(blocking=True)
+    assert widget.session.segmenter is good
     assert any("config.json" in m for m in notes.since("error"))
 
     # a point outside the image
@@ -492,14 +489,14 @@ def test_bad_inputs_notify_and_change_nothing(
     # a stack: its own 3D prompt layers; Segment on a slice without prompts says so
     notes.reset()
     stack = viewer.add_image(np.zeros((3, 72, 120), np.float32), name="stack")
-    widget.image_combo.setCurrentIndex(widget.image_combo.findText("stack"))
-    assert unwrap(widget.image_layer) is stack
+    widget.layers_section.image_combo.setCurrentIndex(widget.layers_section.image_combo.findText("stack"))
+    assert unwrap(widget.binder.image_layer) is stack
     wait_idle(widget, qtbot)
-    assert widget.points_layer.ndim == 3 and widget.labels_layer.data.shape == (3, 72, 120)
-    qtbot.mouseClick(widget.segment_button, Qt.MouseButton.LeftButton)
+    assert widget.binder.points_layer.ndim == 3 and widget.binder.labels_layer.data.shape == (3, 72, 120)
+    press(qtbot, widget.object_section.segment_button)
     msgs = notes.since("error")
     assert any("no prompt on slice 0" in m for m in msgs), msgs
-    assert not labels.data.any() and not widget.labels_layer.data.any()
+    assert not labels.data.any() and not widget.binder.labels_layer.data.any()
 
 
 def test_rgb_image_and_a_user_points_layer_with_its_own_transform(
@@ -511,14 +508,14 @@ def test_rgb_image_and_a_user_points_layer_with_its_own_transform(
         load_tiny(widget, qtbot, tiny_tracker_dir)
         image = viewer.add_image(asym_image, name="rgb")
         assert image.rgb
-        qtbot.waitUntil(lambda: widget.preview_layer is not None, timeout=WAIT_MS)
-        preview = unwrap(widget.preview_layer)
+        qtbot.waitUntil(lambda: widget.binder.preview_layer is not None, timeout=WAIT_MS)
+        preview = unwrap(widget.binder.preview_layer)
         assert preview.data.shape == asym_image.shape[:2]
 
         mine = viewer.add_points(ndim=2, name="mine", translate=(10, 20))  # no features
-        assert unwrap(widget.points_layer).name == "SAM3 points"  # the choice is kept
-        widget.points_combo.setCurrentIndex(widget.points_combo.findText("mine"))
-        assert unwrap(widget.points_layer) is mine
+        assert unwrap(widget.binder.points_layer).name == "SAM3 points"  # the choice is kept
+        widget.layers_section.points_combo.setCurrentIndex(widget.layers_section.points_combo.findText("mine"))
+        assert unwrap(widget.binder.points_layer) is mine
         assert set(mine.features.columns) >= {"object_id", "positive"}
         mine.add([[40 - 10, 70 - 20]])  # world (40, 70) = image pixel (40, 70)
         wait_idle(widget, qtbot)
@@ -548,4 +545,4 @@ def test_closing_the_dock_detaches_the_widget(make_napari_viewer, qtbot, gray_im
     viewer.layers["SAM3 points"].add([[10, 10]])  # no live job, no notification
     qtbot.wait(DEBOUNCE_WAIT_MS)
     assert len(viewer.layers) == n_layers + 1
-    assert widget.current_worker is None and not notes.since()
+    assert widget.runner.current_worker is None and not notes.since()

@@ -2,7 +2,7 @@
 
 Real viewer under Xvfb (see docs/headless-napari.md), real buttons, tiny random
 checkpoints: a Sam3Tracker (clicks, segment everything) and a Sam3Model (concepts).
-Expected results come from the core API (``ConceptSegmenter.detect(...).relabel``,
+Expected results come from the core API (``ConceptSegmenter.detect(...).paint``,
 ``segment_everything``) on the same image, limits and settings.
 """
 
@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gui import Notes, unwrap
+from gui import Notes, press, unwrap
 
-from napari_sam3 import PromptError, _layers
+from napari_sam3 import PromptError
+from napari_sam3.core import planes
 from napari_sam3.core.instances import Instance, paint_labels
+from napari_sam3.widget import layer_data as _layers
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -65,17 +67,17 @@ def test_offset_view_paints_like_the_full_plane():
         mask = rng.random((12, 14)) > 0.3
         insts.append(Instance(mask, (10 + 3 * k, 8 + 2 * k), 1.0 - 0.1 * k))
     expected, _ = paint_labels(insts, out=full.copy(), start_id=4)
-    region = _layers.union_region([x.bbox for x in insts], full.shape)
-    crop = full[_layers.region_slices(region)].copy()
-    view = _layers.OffsetView(crop, region[:2], full.shape)
+    region = planes.union_region([x.bbox for x in insts], full.shape)
+    crop = full[planes.region_slices(region)].copy()
+    view = planes.OffsetView(crop, region[:2], full.shape)
     paint_labels(insts, out=view, start_id=4)
     got = full.copy()
-    got[_layers.region_slices(region)] = crop
+    got[planes.region_slices(region)] = crop
     np.testing.assert_array_equal(got, expected)
-    assert _layers.union_region([], (5, 5)) is None
+    assert planes.union_region([], (5, 5)) is None
     with pytest.raises(IndexError):
         view[0:5, 0:5]
-    assert _layers.digest(got) == _layers.digest(got.copy()) != _layers.digest(full)
+    assert planes.digest(got) == planes.digest(got.copy()) != planes.digest(full)
 
 
 # -- GUI helpers -----------------------------------------------------------------------------
@@ -126,48 +128,47 @@ def wait_idle(widget, qtbot):
 
 
 def click(qtbot, button):
-    from qtpy.QtCore import Qt
 
-    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+    press(qtbot, button)
 
 
 def load_tiny(widget, qtbot, tracker_dir, concept_dir=None):
-    widget.model_edit.setText(str(tracker_dir))
-    widget.device_combo.setCurrentText("cpu")
-    widget.cache_edit.setText("")  # memory only, untiled
-    widget.tile_spin.setValue(1024)
-    click(qtbot, widget.load_button)
-    qtbot.waitUntil(lambda: widget.load_worker is None, timeout=WAIT_MS)
-    assert widget.segmenter is not None, widget.status
+    widget.model_section.model_edit.setText(str(tracker_dir))
+    widget.model_section.device_combo.setCurrentText("cpu")
+    widget.cache_section.cache_edit.setText("")  # memory only, untiled
+    widget.cache_section.tile_spin.setValue(1024)
+    click(qtbot, widget.model_section.load_button)
+    qtbot.waitUntil(lambda: widget.model_section.load_worker is None, timeout=WAIT_MS)
+    assert widget.session.segmenter is not None, widget.status
     if concept_dir is not None:
-        widget.concept_model_edit.setText(str(concept_dir))
+        widget.instances_section.concept_model_edit.setText(str(concept_dir))
 
 
 def add_image(viewer, widget, qtbot, img, name="cells"):
     layer = viewer.add_image(img, name=name, contrast_limits=LIMITS)
-    widget.image_combo.setCurrentIndex(widget.image_combo.findText(name))  # a second image
+    widget.layers_section.image_combo.setCurrentIndex(widget.layers_section.image_combo.findText(name))  # a second image
     qtbot.waitUntil(
         lambda: (
-            widget.labels_layer is not None and tuple(widget.labels_layer.data.shape) == img.shape
+            widget.binder.labels_layer is not None and tuple(widget.binder.labels_layer.data.shape) == img.shape
         ),
         timeout=WAIT_MS,
     )
-    assert unwrap(widget.image_layer) is layer
+    assert unwrap(widget.binder.image_layer) is layer
     wait_idle(widget, qtbot)
     return layer
 
 
 def post(widget):
     return {
-        "max_hole_area": widget.max_hole_area.value(),
-        "max_sprinkle_area": widget.max_sprinkle_area.value(),
+        "max_hole_area": widget.post_section.max_hole_area.value(),
+        "max_sprinkle_area": widget.post_section.max_sprinkle_area.value(),
     }
 
 
 def set_threshold(widget, qtbot, value):
     """Move the slider (as a user drags it) and wait for the debounced re-filter."""
-    widget.threshold_slider.setValue(round(value * 1000))
-    assert widget.threshold == pytest.approx(value, abs=1e-9)
+    widget.instances_section.threshold_slider.setValue(round(value * 1000))
+    assert widget.instances_section.threshold == pytest.approx(value, abs=1e-9)
     wait_idle(widget, qtbot)
 
 
@@ -186,12 +187,12 @@ def test_find_concept_threshold_features_overwrite_clear_undo_screenshot(
 ):
     viewer, widget = docked
     notes = Notes()
-    assert widget.threshold == 0.5 and widget.threshold_slider.value() == 500
-    assert widget.concept_model_edit.text() == "" and widget.concept is None
-    assert not widget.scope_combo.isEnabled()  # no stack yet
+    assert widget.instances_section.threshold == 0.5 and widget.instances_section.threshold_slider.value() == 500
+    assert widget.instances_section.concept_model_edit.text() == "" and widget.session.concept is None
+    assert not widget.instances_section.scope_combo.isEnabled()  # no stack yet
     load_tiny(widget, qtbot, tiny_tracker_dir, concept_dir)
     add_image(viewer, widget, qtbot, gray_image)
-    labels = unwrap(widget.labels_layer)
+    labels = unwrap(widget.binder.labels_layer)
     existing = np.zeros(gray_image.shape, np.int32)
     existing[5:20, 5:25] = 7
     labels.data_setitem(np.nonzero(existing), 7)
@@ -199,15 +200,15 @@ def test_find_concept_threshold_features_overwrite_clear_undo_screenshot(
     opts = dict(limits=LIMITS, **post(widget))
     ref = reference.detect(gray_image, "nucleus", **opts)
     low, high = thresholds(ref)
-    widget.concept_text_edit.setText("nucleus")
+    widget.instances_section.concept_text_edit.setText("nucleus")
     set_threshold(widget, qtbot, low)  # no result yet: only remembered
-    click(qtbot, widget.find_concept_button)
-    assert widget.task is not None and not widget.find_concept_button.isEnabled()
+    click(qtbot, widget.instances_section.find_concept_button)
+    assert widget.runner.task is not None and not widget.instances_section.find_concept_button.isEnabled()
     wait_idle(widget, qtbot)
     assert not notes.since("error"), notes.since("error")
-    concept = widget.concept
+    concept = widget.session.concept
     assert concept is not None and concept.encoder_calls == 1
-    expected = ref.relabel(low, out=existing.copy())
+    expected = ref.paint(threshold=low, out=existing.copy())
     np.testing.assert_array_equal(labels.data, expected)
     assert (labels.data[5:20, 5:25] == 7).all()  # existing labels kept
     new_ids = sorted(set(np.unique(labels.data)) - {0, 7})
@@ -221,7 +222,7 @@ def test_find_concept_threshold_features_overwrite_clear_undo_screenshot(
     assert {"presence", "source"} <= set(feats.columns)
     assert set(feats["source"]) == {"concept 'nucleus'"}
     assert f"{len(new_ids)} instance(s)" in widget.status
-    assert widget.object_id not in new_ids  # a click never joins a found instance
+    assert widget.session.object_id not in new_ids  # a click never joins a found instance
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "widget-concept.png"
@@ -229,12 +230,12 @@ def test_find_concept_threshold_features_overwrite_clear_undo_screenshot(
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and arr[..., :3].std() > 10
 
     # moving the threshold re-filters the kept candidates: no model call at all
-    calls = (concept.encoder_calls, concept.decoder_calls, widget.segmenter.encoder_calls)
+    calls = (concept.encoder_calls, concept.decoder_calls, widget.session.segmenter.encoder_calls)
     after_low = labels.data.copy()
     set_threshold(widget, qtbot, high)
     assert (concept.encoder_calls, concept.decoder_calls) == calls[:2]
-    assert widget.segmenter.encoder_calls == calls[2]
-    np.testing.assert_array_equal(labels.data, ref.relabel(high, out=existing.copy()))
+    assert widget.session.segmenter.encoder_calls == calls[2]
+    np.testing.assert_array_equal(labels.data, ref.paint(threshold=high, out=existing.copy()))
     assert len(labels.features) == len(ref.features["index"]) < len(new_ids)
     assert (labels.features["score"] > high).all()
 
@@ -244,21 +245,21 @@ def test_find_concept_threshold_features_overwrite_clear_undo_screenshot(
     labels.redo()
 
     # overwrite: the same result may now take the existing object's pixels
-    widget.overwrite_checkbox.setChecked(True)
+    widget.post_section.overwrite_checkbox.setChecked(True)
     set_threshold(widget, qtbot, low)
-    over = ref.relabel(low, out=existing.copy(), overwrite=True)
+    over = ref.paint(threshold=low, out=existing.copy(), overwrite=True)
     np.testing.assert_array_equal(labels.data, over)
     assert (labels.data == 7).sum() < (existing == 7).sum()
     assert (concept.encoder_calls, concept.decoder_calls) == calls[:2]
 
     # Clear last result restores the labels under it
-    click(qtbot, widget.clear_result_button)
+    click(qtbot, widget.instances_section.clear_result_button)
     np.testing.assert_array_equal(labels.data, existing)
-    assert len(labels.features) == 0 and widget.last_run is None
-    widget.overwrite_checkbox.setChecked(False)
+    assert len(labels.features) == 0 and widget.session.last_run is None
+    widget.post_section.overwrite_checkbox.setChecked(False)
 
     # a second run reuses the cached image features; edits after it end re-thresholding
-    click(qtbot, widget.find_concept_button)
+    click(qtbot, widget.instances_section.find_concept_button)
     wait_idle(widget, qtbot)
     assert concept.encoder_calls == calls[0]
     np.testing.assert_array_equal(labels.data, expected)
@@ -268,7 +269,7 @@ def test_find_concept_threshold_features_overwrite_clear_undo_screenshot(
     set_threshold(widget, qtbot, high)
     assert any("edited" in m for m in notes.since("warning")), notes.since()
     np.testing.assert_array_equal(labels.data, edited)
-    assert widget.last_run is None and not notes.since("error")
+    assert widget.session.last_run is None and not notes.since("error")
 
 
 def test_exemplar_layer_polarity_key_and_exemplar_only_concept(
@@ -280,9 +281,9 @@ def test_exemplar_layer_polarity_key_and_exemplar_only_concept(
     notes = Notes()
     load_tiny(widget, qtbot, tiny_tracker_dir, concept_dir)
     add_image(viewer, widget, qtbot, gray_image)
-    assert widget.exemplars_layer is None  # created on demand
-    click(qtbot, widget.draw_exemplars_button)
-    ex = unwrap(widget.exemplars_layer)
+    assert widget.binder.exemplars_layer is None  # created on demand
+    click(qtbot, widget.instances_section.draw_exemplars_button)
+    ex = unwrap(widget.binder.exemplars_layer)
     assert ex is not None and ex.name == "SAM3 exemplars"
     assert unwrap(viewer.layers.selection.active) is ex and ex.mode == "add_rectangle"
 
@@ -290,24 +291,24 @@ def test_exemplar_layer_polarity_key_and_exemplar_only_concept(
     ex.selected_data = set()
     canvas = viewer.window._qt_viewer.canvas.native
     qtbot.keyClick(canvas, Qt.Key.Key_T)
-    assert not widget.exemplar_positive and ex.mode == "add_rectangle"  # t is ours here
+    assert not widget.instances_section.exemplar_positive and ex.mode == "add_rectangle"  # t is ours here
     ex.add(np.array([[40, 70], [40, 110], [60, 110], [60, 70]], float), shape_type="rectangle")
     assert ex.features["positive"].tolist() == [True, False]
     assert ex.edge_color[0, 1] > ex.edge_color[0, 0]  # green
     assert ex.edge_color[1, 0] > ex.edge_color[1, 1]  # red
     ex.selected_data = {1}
     qtbot.keyClick(canvas, Qt.Key.Key_T)  # flips the selected exemplar too
-    assert widget.exemplar_positive and ex.features["positive"].tolist() == [True, True]
+    assert widget.instances_section.exemplar_positive and ex.features["positive"].tolist() == [True, True]
     ex.selected_data = {1}
     qtbot.keyClick(canvas, Qt.Key.Key_T)
     assert ex.features["positive"].tolist() == [True, False]
     ex.add(np.array([[0, 0], [0, 5], [5, 5], [5, 0]], float), shape_type="ellipse")
     assert any("ignored" in m for m in notes.since("info"))
 
-    labels = unwrap(widget.labels_layer)
-    widget.threshold_spin.setValue(0.2)
-    assert widget.concept_text_edit.text() == ""
-    assert widget.find_concept()
+    labels = unwrap(widget.binder.labels_layer)
+    widget.instances_section.threshold_spin.setValue(0.2)
+    assert widget.instances_section.concept_text_edit.text() == ""
+    assert widget.instances_section.find_concept()
     wait_idle(widget, qtbot)
     assert not notes.since("error"), notes.since("error")
     res = reference.detect(
@@ -319,43 +320,43 @@ def test_exemplar_layer_polarity_key_and_exemplar_only_concept(
         limits=LIMITS,
         **post(widget),
     )
-    expected = res.relabel(0.2)
+    expected = res.paint(threshold=0.2)
     assert expected.max() > 0
     np.testing.assert_array_equal(labels.data, expected)
     assert set(labels.features["source"]) == {"exemplars"}
 
     # a larger image in tiles of 112 px (the tiny model's input) overlapping by 28 px, whose
     # labels layer is a Zarr array (as for a large image)
-    from napari_sam3 import _widget_layers
     from napari_sam3.core.concept import ConceptSegmenter
+    from napari_sam3.widget import scratch_labels
 
-    monkeypatch.setattr(_widget_layers, "LARGE_PIXELS", 20_000)
+    monkeypatch.setattr(scratch_labels, "LARGE_PIXELS", 20_000)
     big = np.tile(gray_image, (3, 2))[:200, :230]
     add_image(viewer, widget, qtbot, big, name="big")
-    widget.exemplars_combo.setCurrentIndex(0)  # "(none)": text only
-    widget.tile_spin.setValue(112)
-    widget.overlap_spin.setValue(28)
-    widget.concept_text_edit.setText("nucleus")
-    assert widget.find_concept()
+    widget.instances_section.exemplars_combo.setCurrentIndex(0)  # "(none)": text only
+    widget.cache_section.tile_spin.setValue(112)
+    widget.cache_section.overlap_spin.setValue(28)
+    widget.instances_section.concept_text_edit.setText("nucleus")
+    assert widget.instances_section.find_concept()
     wait_idle(widget, qtbot)
-    assert widget.exemplars_layer is None  # the choice stuck through new layers
-    assert (widget.concept.tile_size, widget.concept.overlap) == (112, 28)
+    assert widget.binder.exemplars_layer is None  # the choice stuck through new layers
+    assert (widget.session.concept.tile_size, widget.session.concept.overlap) == (112, 28)
     tiled = ConceptSegmenter.from_pretrained(
         str(concept_dir), device="cpu", tile_size=112, overlap=28
     )
     res = tiled.detect(big, "nucleus", threshold=0.2, limits=LIMITS, **post(widget))
     n_tiles = len(res.grid)
-    assert n_tiles == 9 and widget.concept.encoder_calls == 1 + n_tiles  # 3 x 3 tiles
-    big_labels = unwrap(widget.labels_layer)
+    assert n_tiles == 9 and widget.session.concept.encoder_calls == 1 + n_tiles  # 3 x 3 tiles
+    big_labels = unwrap(widget.binder.labels_layer)
     assert big_labels.data.shape == big.shape and not isinstance(big_labels.data, np.ndarray)
-    start = widget.last_run.start_id  # lazy labels are not scanned: above the widget's ids
+    start = widget.session.last_run.start_id  # lazy labels are not scanned: above the widget's ids
     assert start > expected.max()
-    np.testing.assert_array_equal(big_labels.data[:], res.relabel(0.2, start_id=start))
+    np.testing.assert_array_equal(big_labels.data[:], res.paint(threshold=0.2, start_id=start))
     set_threshold(widget, qtbot, 0.25)
-    np.testing.assert_array_equal(big_labels.data[:], res.relabel(0.25, start_id=start))
+    np.testing.assert_array_equal(big_labels.data[:], res.paint(threshold=0.25, start_id=start))
     big_labels.undo()
-    np.testing.assert_array_equal(big_labels.data[:], res.relabel(0.2, start_id=start))
-    assert widget.concept.encoder_calls == 1 + n_tiles
+    np.testing.assert_array_equal(big_labels.data[:], res.paint(threshold=0.2, start_id=start))
+    assert widget.session.concept.encoder_calls == 1 + n_tiles
     assert not notes.since("error"), notes.since("error")
 
 
@@ -366,25 +367,25 @@ def test_segment_everything_and_whole_stack_scope(
 
     viewer, widget = docked
     notes = Notes()
-    assert widget.points_per_side_spin.value() == SETTINGS.points_per_side
-    assert widget.pred_iou_spin.value() == pytest.approx(SETTINGS.pred_iou_thresh)
-    assert widget.stability_spin.value() == pytest.approx(SETTINGS.stability_score_thresh)
-    assert widget.min_area_spin.value() == SETTINGS.min_area
+    assert widget.instances_section.points_per_side_spin.value() == SETTINGS.points_per_side
+    assert widget.instances_section.pred_iou_spin.value() == pytest.approx(SETTINGS.pred_iou_thresh)
+    assert widget.instances_section.stability_spin.value() == pytest.approx(SETTINGS.stability_score_thresh)
+    assert widget.instances_section.min_area_spin.value() == SETTINGS.min_area
     load_tiny(widget, qtbot, tiny_tracker_dir, concept_dir)
     add_image(viewer, widget, qtbot, gray_image)
-    seg = widget.segmenter
-    labels = unwrap(widget.labels_layer)
+    seg = widget.session.segmenter
+    labels = unwrap(widget.binder.labels_layer)
     # random weights: open the filters so that masks survive
-    widget.points_per_side_spin.setValue(4)
-    widget.pred_iou_spin.setValue(0.0)
-    widget.stability_spin.setValue(0.0)
-    widget.min_area_spin.setValue(0)
-    settings = widget.everything_settings()
+    widget.instances_section.points_per_side_spin.setValue(4)
+    widget.instances_section.pred_iou_spin.setValue(0.0)
+    widget.instances_section.stability_spin.setValue(0.0)
+    widget.instances_section.min_area_spin.setValue(0)
+    settings = widget.instances_section.everything_settings()
 
-    unwrap(widget.points_layer).add([[30, 40]])  # a click encodes the image ...
+    unwrap(widget.binder.points_layer).add([[30, 40]])  # a click encodes the image ...
     wait_idle(widget, qtbot)
     encoded = seg.encoder_calls
-    click(qtbot, widget.everything_button)
+    click(qtbot, widget.instances_section.everything_button)
     wait_idle(widget, qtbot)
     assert seg.encoder_calls == encoded  # ... and segment everything reuses it
     expected = segment_everything(seg, gray_image, settings=settings, limits=LIMITS)
@@ -393,50 +394,50 @@ def test_segment_everything_and_whole_stack_scope(
     np.testing.assert_array_equal(labels.data, np.where(expected > 0, expected + 1, 0))
     assert {"index", "score", "area", "iou_score", "stability_score"} <= set(labels.features)
     assert list(labels.features["index"]) == sorted(set(np.unique(labels.data)) - {0})
-    unwrap(widget.points_layer).data = np.zeros((0, 2))  # no prompts from here on
+    unwrap(widget.binder.points_layer).data = np.zeros((0, 2))  # no prompts from here on
     assert "Segment everything" in widget.status
 
     # a z-stack: whole-stack scope runs slice by slice, ids unique across slices
     stack = np.stack([blobs(seed=s, shift=4 * s) for s in range(3)])
     add_image(viewer, widget, qtbot, stack, name="stack")
-    labels = unwrap(widget.labels_layer)
-    assert labels.data.shape == stack.shape and widget.scope_combo.isEnabled()
-    widget.scope_combo.setCurrentText("whole stack")
-    click(qtbot, widget.everything_button)
+    labels = unwrap(widget.binder.labels_layer)
+    assert labels.data.shape == stack.shape and widget.instances_section.scope_combo.isEnabled()
+    widget.instances_section.scope_combo.setCurrentText("whole stack")
+    click(qtbot, widget.instances_section.everything_button)
     wait_idle(widget, qtbot)
     everything = segment_everything(seg, stack, settings=settings, limits=LIMITS)
     np.testing.assert_array_equal(labels.data, everything)
     assert set(labels.features["slice"]) == {0, 1, 2}
 
-    widget.concept_text_edit.setText("nucleus")
-    widget.threshold_spin.setValue(0.2)
-    assert widget.find_concept()
+    widget.instances_section.concept_text_edit.setText("nucleus")
+    widget.instances_section.threshold_spin.setValue(0.2)
+    assert widget.instances_section.find_concept()
     wait_idle(widget, qtbot)
     opts = dict(limits=LIMITS, **post(widget))
     expected = reference.segment_concept(stack, "nucleus", threshold=0.2, out=everything.copy(),
                                          **opts)  # fmt: skip
     np.testing.assert_array_equal(labels.data, expected)
-    assert widget.concept.decoder_calls == 3  # one detection per slice
+    assert widget.session.concept.decoder_calls == 3  # one detection per slice
     feats = labels.features
     concept_rows = feats[feats["source"] == "concept 'nucleus'"]
     assert len(concept_rows) == len(set(np.unique(expected)) - set(np.unique(everything)))
     # the threshold re-filters every slice; ids stay unique across slices. A write larger than
     # UNDO_PIXELS goes region by region, without undo
-    from napari_sam3 import _widget_results
+    from napari_sam3.widget import results
 
-    monkeypatch.setattr(_widget_results, "UNDO_PIXELS", 10)
+    monkeypatch.setattr(results, "UNDO_PIXELS", 10)
     set_threshold(widget, qtbot, 0.25)
     assert "too large for undo" in widget.status
     again = reference.segment_concept(stack, "nucleus", threshold=0.25, out=everything.copy(),
                                       **opts)  # fmt: skip
     np.testing.assert_array_equal(labels.data, again)
-    assert widget.concept.decoder_calls == 3
+    assert widget.session.concept.decoder_calls == 3
 
     # current-slice scope changes that slice only
     before = labels.data.copy()
     viewer.dims.set_current_step(0, 1)
-    widget.scope_combo.setCurrentText("current slice")
-    click(qtbot, widget.everything_button)
+    widget.instances_section.scope_combo.setCurrentText("current slice")
+    click(qtbot, widget.instances_section.everything_button)
     wait_idle(widget, qtbot)
     np.testing.assert_array_equal(labels.data[[0, 2]], before[[0, 2]])
     one = segment_everything(seg, stack[1], settings=settings, limits=LIMITS, out=before[1].copy())
@@ -452,18 +453,18 @@ def test_cancel_leaves_labels_unchanged(
     viewer, widget = docked
     load_tiny(widget, qtbot, tiny_tracker_dir, concept_dir)
     add_image(viewer, widget, qtbot, gray_image)
-    labels = unwrap(widget.labels_layer)
-    widget.concept_text_edit.setText("nucleus")
+    labels = unwrap(widget.binder.labels_layer)
+    widget.instances_section.concept_text_edit.setText("nucleus")
     low, high = thresholds(reference.detect(gray_image, "nucleus", limits=LIMITS, **post(widget)))
-    widget.threshold_spin.setValue(low)
-    assert widget.find_concept()
+    widget.instances_section.threshold_spin.setValue(low)
+    assert widget.instances_section.find_concept()
     wait_idle(widget, qtbot)
     first = labels.data.copy()
     first_features = labels.features.copy()
     assert first.any()
 
     # concept: the detector is held inside its first model call, Cancel is pressed
-    concept = widget.concept
+    concept = widget.session.concept
     started, release = threading.Event(), threading.Event()
     real_forward = concept._forward
 
@@ -473,10 +474,10 @@ def test_cancel_leaves_labels_unchanged(
         return real_forward(*args, **kwargs)  # the real model still runs
 
     monkeypatch.setattr(concept, "_forward", gated_forward)
-    widget.concept_text_edit.setText("cell")
-    click(qtbot, widget.find_concept_button)
+    widget.instances_section.concept_text_edit.setText("cell")
+    click(qtbot, widget.instances_section.find_concept_button)
     qtbot.waitUntil(started.is_set, timeout=WAIT_MS)
-    click(qtbot, widget.instances_cancel_button)
+    click(qtbot, widget.instances_section.instances_cancel_button)
     release.set()
     wait_idle(widget, qtbot)
     assert "cancelled" in widget.status.lower()
@@ -499,12 +500,12 @@ def test_cancel_leaves_labels_unchanged(
         return real_decode(*args, **kwargs)
 
     monkeypatch.setattr(everything, "decode_tile", gated_decode)
-    widget.pred_iou_spin.setValue(0.0)
-    widget.stability_spin.setValue(0.0)
-    click(qtbot, widget.everything_button)
+    widget.instances_section.pred_iou_spin.setValue(0.0)
+    widget.instances_section.stability_spin.setValue(0.0)
+    click(qtbot, widget.instances_section.everything_button)
     qtbot.waitUntil(started.is_set, timeout=WAIT_MS)
     assert widget.progress_bar.maximum() == 0  # busy while encoding/decoding
-    click(qtbot, widget.cancel_button)  # the Object section's Cancel works too
+    click(qtbot, widget.object_section.cancel_button)  # the Object section's Cancel works too
     release.set()
     wait_idle(widget, qtbot)
     assert "cancelled" in widget.status.lower()
@@ -517,8 +518,8 @@ def test_bad_inputs_notify_and_change_nothing(
     viewer, widget = docked
     notes = Notes()
     add_image(viewer, widget, qtbot, gray_image)
-    labels = unwrap(widget.labels_layer)
-    widget.concept_text_edit.setText("nucleus")
+    labels = unwrap(widget.binder.labels_layer)
+    widget.instances_section.concept_text_edit.setText("nucleus")
 
     def errors_after(action):
         notes.reset()
@@ -530,31 +531,31 @@ def test_bad_inputs_notify_and_change_nothing(
         return errs[0]
 
     # no model
-    assert "no SAM3 model loaded" in errors_after(lambda: click(qtbot, widget.find_concept_button))
-    assert "no SAM3 model loaded" in errors_after(lambda: click(qtbot, widget.everything_button))
+    assert "no SAM3 model loaded" in errors_after(lambda: click(qtbot, widget.instances_section.find_concept_button))
+    assert "no SAM3 model loaded" in errors_after(lambda: click(qtbot, widget.instances_section.everything_button))
 
     # a tracker-only checkpoint as the concept model (the field left empty: same as above)
     load_tiny(widget, qtbot, tiny_tracker_dir)
-    msg = errors_after(lambda: click(qtbot, widget.find_concept_button))
+    msg = errors_after(lambda: click(qtbot, widget.instances_section.find_concept_button))
     assert "sam3_tracker" in msg and "concept" in msg, msg
-    assert widget.concept is None and widget.find_concept_button.isEnabled()
-    widget.concept_model_edit.setText(str(tmp_path / "missing"))
-    assert "no such folder" in errors_after(widget.find_concept)
+    assert widget.session.concept is None and widget.instances_section.find_concept_button.isEnabled()
+    widget.instances_section.concept_model_edit.setText(str(tmp_path / "missing"))
+    assert "no such folder" in errors_after(widget.instances_section.find_concept)
 
     # no text and no exemplars
-    widget.concept_model_edit.setText(str(concept_dir))
-    widget.concept_text_edit.setText("   ")
-    assert "type a concept" in errors_after(widget.find_concept)
+    widget.instances_section.concept_model_edit.setText(str(concept_dir))
+    widget.instances_section.concept_text_edit.setText("   ")
+    assert "type a concept" in errors_after(widget.instances_section.find_concept)
 
     # an exemplar outside the image
-    ex = unwrap(widget.draw_exemplars())
+    ex = unwrap(widget.instances_section.draw_exemplars())
     ex.add(np.array([[200, 300], [200, 320], [220, 320], [220, 300]], float))
-    assert "outside" in errors_after(widget.find_concept)
-    assert widget.concept is None  # nothing was loaded for a request that could not start
+    assert "outside" in errors_after(widget.instances_section.find_concept)
+    assert widget.session.concept is None  # nothing was loaded for a request that could not start
 
     # the threshold without a result: remembered, no error
     notes.reset()
-    widget.threshold_slider.setValue(300)
+    widget.instances_section.threshold_slider.setValue(300)
     wait_idle(widget, qtbot)
-    assert widget.threshold == pytest.approx(0.3) and "next Find concept" in widget.status
+    assert widget.instances_section.threshold == pytest.approx(0.3) and "next Find concept" in widget.status
     assert not notes.since("error") and not labels.data.any()

@@ -14,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-from gui import Notes, canvas_click, dock, key, load, unwrap, wait_idle
+from gui import Notes, canvas_click, dock, key, load, press, unwrap, wait_idle
 
-from napari_sam3 import ObjectPrompt, _scratch_labels
+from napari_sam3 import ObjectPrompt
+from napari_sam3.widget import scratch_labels
 
 LIMITS = (100.0, 900.0)
 DEPTH = 30
@@ -43,10 +44,10 @@ def stack(depth=DEPTH):
 def add(viewer, widget, qtbot, data, **kwargs):
     layer = viewer.add_image(data, name="cells", contrast_limits=LIMITS, **kwargs)
     qtbot.waitUntil(
-        lambda: unwrap(widget.image_layer) is layer
-        and widget.points_layer is not None
-        and widget.points_layer.ndim == layer.ndim
-        and widget.labels_layer is not None,
+        lambda: unwrap(widget.binder.image_layer) is layer
+        and widget.binder.points_layer is not None
+        and widget.binder.points_layer.ndim == layer.ndim
+        and widget.binder.labels_layer is not None,
         timeout=30_000,
     )
     wait_idle(widget, qtbot)
@@ -56,27 +57,26 @@ def add(viewer, widget, qtbot, data, **kwargs):
 def test_ctrl_z_after_commit_and_propagate_undoes_only_the_propagation(
     make_napari_viewer, qtbot, video_dir
 ):
-    from qtpy.QtCore import Qt
 
     viewer, widget = dock(make_napari_viewer)
     seg = load(widget, qtbot, video_dir)
     zstack = stack()
     add(viewer, widget, qtbot, zstack)
-    points, labels = unwrap(widget.points_layer), unwrap(widget.labels_layer)
-    pp = {"max_hole_area": widget.max_hole_area.value(),
-          "max_sprinkle_area": widget.max_sprinkle_area.value()}
+    points, labels = unwrap(widget.binder.points_layer), unwrap(widget.binder.labels_layer)
+    pp = {"max_hole_area": widget.post_section.max_hole_area.value(),
+          "max_sprinkle_area": widget.post_section.max_sprinkle_area.value()}
 
     viewer.dims.set_current_step(0, 10)  # object 1, committed on slice 10
     _, r, c = canvas_click(viewer, qtbot, points, 35, 40)
     wait_idle(widget, qtbot)
-    qtbot.mouseClick(widget.commit_button, Qt.MouseButton.LeftButton)
+    press(qtbot, widget.object_section.commit_button)
     committed = labels.data.copy()
     assert (committed[10] == 1).sum() > 0 and not np.delete(committed, 10, axis=0).any()
 
     viewer.dims.set_current_step(0, 12)  # object 2, propagated through the stack
     _, r2, c2 = canvas_click(viewer, qtbot, points, 55, 85)
     wait_idle(widget, qtbot)
-    qtbot.mouseClick(widget.propagate_button, Qt.MouseButton.LeftButton)
+    press(qtbot, widget.propagate_section.propagate_button)
     wait_idle(widget, qtbot)
     want = seg.propagate(zstack, {12: {2: ObjectPrompt(points=[(r2, c2)])}}, axis=0,
                          limits=LIMITS, out=committed.copy(), **pp)
@@ -97,20 +97,19 @@ def test_ctrl_z_after_commit_and_propagate_undoes_only_the_propagation(
 def test_a_propagation_too_large_for_undo_says_so_and_keeps_earlier_steps(
     make_napari_viewer, qtbot, video_dir, monkeypatch
 ):
-    from qtpy.QtCore import Qt
 
-    from napari_sam3 import _widget_tasks
+    from napari_sam3.widget import results
 
-    monkeypatch.setattr(_widget_tasks, "UNDO_PIXELS", 50)
+    monkeypatch.setattr(results, "UNDO_PIXELS", 50)
     viewer, widget = dock(make_napari_viewer)
     load(widget, qtbot, video_dir)
     add(viewer, widget, qtbot, stack(6))
-    points, labels = unwrap(widget.points_layer), unwrap(widget.labels_layer)
+    points, labels = unwrap(widget.binder.points_layer), unwrap(widget.binder.labels_layer)
     labels.data_setitem((np.array([0]), np.array([0]), np.array([0])), 9)  # a user's edit
     viewer.dims.set_current_step(0, 2)
     canvas_click(viewer, qtbot, points, 55, 85)
     wait_idle(widget, qtbot)
-    qtbot.mouseClick(widget.propagate_button, Qt.MouseButton.LeftButton)
+    press(qtbot, widget.propagate_section.propagate_button)
     wait_idle(widget, qtbot)
     assert "too large for undo" in widget.status
     assert (labels.data == 1).sum() > 50
@@ -142,10 +141,10 @@ def test_save_labels_button_uses_our_writer(make_napari_viewer, qtbot, tiny_trac
                                             tmp_path):
     viewer, widget = dock(make_napari_viewer)
     add(viewer, widget, qtbot, stack(1)[0])
-    labels = unwrap(widget.labels_layer)
+    labels = unwrap(widget.binder.labels_layer)
     labels.data_setitem((np.array([3, 4]), np.array([5, 6])), 7)
     ours = tmp_path / "ours.tif"
-    assert widget.save_labels(str(ours)) == [str(ours)]
+    assert widget.layers_section.save_labels(str(ours)) == [str(ours)]
     assert f"Saved 'SAM3 labels' to {ours}" in widget.status
     with tifffile.TiffFile(ours) as f:
         assert f.is_imagej and f.pages[0].dtype == np.uint16  # Fiji opens it
@@ -156,34 +155,34 @@ def test_save_labels_button_uses_our_writer(make_napari_viewer, qtbot, tiny_trac
     with tifffile.TiffFile(theirs) as f:
         assert not f.is_imagej  # why README points to *Save labels*
     notes = Notes()
-    assert widget.save_labels(str(tmp_path / "x.png")) == []
+    assert widget.layers_section.save_labels(str(tmp_path / "x.png")) == []
     assert any("save labels as .tif or .zarr" in m for m in notes.since("error"))
 
 
 def test_scratch_folder_goes_with_its_layer_or_is_offered_for_deletion(
     make_napari_viewer, qtbot, monkeypatch
 ):
-    from napari_sam3 import _widget_layers
+    from napari_sam3.widget import scratch_labels
 
-    monkeypatch.setattr(_widget_layers, "LARGE_PIXELS", 1000)
+    monkeypatch.setattr(scratch_labels, "LARGE_PIXELS", 1000)
     viewer, widget = dock(make_napari_viewer)
     notes = Notes()
     add(viewer, widget, qtbot, stack(1)[0])
 
     # no labels in it: removed with the layer, nothing offered
-    labels = unwrap(widget.labels_layer)
-    folder = widget._scratch.folder_of(labels)
-    assert folder is not None and _scratch_labels.is_ours(folder)
+    labels = unwrap(widget.binder.labels_layer)
+    folder = widget.binder.scratch.folder_of(labels)
+    assert folder is not None and scratch_labels.is_ours(folder)
     assert not isinstance(labels.data, np.ndarray)  # a Zarr array in the scratch folder
     viewer.layers.remove(labels)
     assert not folder.exists() and not notes.since("warning")
 
     # labels in it: kept, the real notification says where and its Delete button deletes
-    widget._ensure_layers()
-    labels = unwrap(widget.labels_layer)
-    folder = widget._scratch.folder_of(labels)
+    widget.binder.ensure_layers()
+    labels = unwrap(widget.binder.labels_layer)
+    folder = widget.binder.scratch.folder_of(labels)
     labels.data_setitem((np.array([5]), np.array([5])), 3)
-    assert _scratch_labels.holds_labels(folder)
+    assert scratch_labels.holds_labels(folder)
     viewer.layers.remove(labels)
     assert folder.exists()
     from napari.utils.notifications import notification_manager
@@ -199,18 +198,18 @@ def test_scratch_folder_goes_with_its_layer_or_is_offered_for_deletion(
 def test_scratch_folders_only_ours_are_removed_and_exit_keeps_unsaved(tmp_path, capsys,
                                                                       monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    data, folder = _scratch_labels.new_labels_data((40, 40), 0, large_pixels=100)
-    assert folder.parent == tmp_path and _scratch_labels.is_ours(folder)
+    data, folder = scratch_labels.new_labels_data((40, 40), 0, large_pixels=100)
+    assert folder.parent == tmp_path and scratch_labels.is_ours(folder)
     data[3:5, 3:5] = 2
-    _scratch_labels._at_exit(folder)  # holds labels: kept, and said where
+    scratch_labels._at_exit(folder)  # holds labels: kept, and said where
     assert folder.exists() and str(folder) in capsys.readouterr().err
     data[3:5, 3:5] = 0
-    _scratch_labels._at_exit(folder)  # empty again: removed
+    scratch_labels._at_exit(folder)  # empty again: removed
     assert not folder.exists()
 
-    _, other = _scratch_labels.new_labels_data((40, 40), 0, large_pixels=100)
+    _, other = scratch_labels.new_labels_data((40, 40), 0, large_pixels=100)
     (other / "mine.txt").write_text("a user's file")  # no longer only ours
-    assert not _scratch_labels.remove(other) and (other / "mine.txt").exists()
+    assert not scratch_labels.remove(other) and (other / "mine.txt").exists()
     lookalike = tmp_path / "napari-sam3-labels-x"
     lookalike.mkdir()
-    assert not _scratch_labels.remove(lookalike) and lookalike.exists()
+    assert not scratch_labels.remove(lookalike) and lookalike.exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gui import Notes, dock, load, unwrap, wait_idle
+from gui import Notes, dock, load, press, unwrap, wait_idle
 from gui import canvas_click as click
 
 from napari_sam3 import ObjectPrompt
@@ -51,14 +51,14 @@ def zstack():
 # -- helpers -----------------------------------------------------------------------------------
 def add(viewer, widget, qtbot, data, name="cells", **kwargs):
     layer = viewer.add_image(data, name=name, **kwargs)
-    widget.image_combo.setCurrentIndex(widget.image_combo.findText(layer.name))
+    widget.layers_section.image_combo.setCurrentIndex(widget.layers_section.image_combo.findText(layer.name))
     qtbot.waitUntil(
         lambda: (
-            unwrap(widget.image_layer) is layer
-            and widget.points_layer is not None
-            and widget.points_layer.ndim == layer.ndim
-            and widget.preview_layer is not None
-            and widget.preview_layer.ndim == layer.ndim
+            unwrap(widget.binder.image_layer) is layer
+            and widget.binder.points_layer is not None
+            and widget.binder.points_layer.ndim == layer.ndim
+            and widget.binder.preview_layer is not None
+            and widget.binder.preview_layer.ndim == layer.ndim
         ),
         timeout=WAIT_MS,
     )
@@ -68,20 +68,14 @@ def add(viewer, widget, qtbot, data, name="cells", **kwargs):
 
 def settings(widget):
     return {
-        "max_hole_area": widget.max_hole_area.value(),
-        "max_sprinkle_area": widget.max_sprinkle_area.value(),
+        "max_hole_area": widget.post_section.max_hole_area.value(),
+        "max_sprinkle_area": widget.post_section.max_sprinkle_area.value(),
     }
-
-
-def press(qtbot, button):
-    from qtpy.QtCore import Qt
-
-    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
 
 
 # -- NumPy adapters (no GUI) ---------------------------------------------------------------
 def test_prompts_belong_to_their_slice():
-    from napari_sam3 import _layers
+    from napari_sam3.widget import layer_data as _layers
 
     pts = np.array([[2, 10, 20], [5, 30, 40], [2, 12, 22], [2.4, 1, 1]])
     feats = {"object_id": [1, 1, 1, 2], "positive": [True, True, False, True]}
@@ -113,17 +107,17 @@ def test_prompts_belong_to_their_slice():
 
 
 def test_axis_view_and_visible_region():
-    from napari_sam3 import _layers
+    from napari_sam3.core import planes
 
     data = np.zeros((3, 4, 5, 6), np.int32)  # (T, Z, Y, X)
-    view = _layers.AxisView(data, axis=1, fixed={0: 2}, n_lead=2)
+    view = planes.AxisView(data, axis=1, fixed={0: 2}, n_lead=2)
     assert view.shape == (4, 5, 6) and view.lead(3) == (2, 3)
     view[(3, slice(1, 3), slice(0, 2))] = 7
     assert data[2, 3, 1:3, 0:2].tolist() == [[7, 7], [7, 7]] and data.sum() == 28
-    plane = _layers.PlaneView(data, (2, 3))
+    plane = planes.PlaneView(data, (2, 3))
     assert plane.shape == (5, 6) and np.asarray(plane).sum() == 28 and plane[1, 0] == 7
-    assert _layers.region_of([(-3.2, 10.2), (20.2, 50.6)], (100, 40)) == (0, 10, 21, 40)
-    assert _layers.region_of([(200, 5), (300, 6)], (100, 40)) is None
+    assert planes.region_of([(-3.2, 10.2), (20.2, 50.6)], (100, 40)) == (0, 10, 21, 40)
+    assert planes.region_of([(200, 5), (300, 6)], (100, 40)) is None
 
 
 # -- z-stack: clicks per slice, commit, propagate, re-propagate, cancel ---------------------
@@ -140,18 +134,18 @@ def test_stack_slices_commit_propagate_repropagate_and_cancel(
     qtbot.waitUntil(lambda: bool(notes.since("warning")), timeout=5000)
     assert any("embedding cache" in m for m in notes.since("warning")), notes.since()
     assert seg.store.path is None
-    assert (widget.tile_spin.value(), widget.overlap_spin.value()) == (112, 28)  # model defaults
+    assert (widget.cache_section.tile_spin.value(), widget.cache_section.overlap_spin.value()) == (112, 28)  # model defaults
 
     image = add(viewer, widget, qtbot, zstack, contrast_limits=LIMITS)
     points, labels, preview = (
-        unwrap(widget.points_layer),
-        unwrap(widget.labels_layer),
-        unwrap(widget.preview_layer),
+        unwrap(widget.binder.points_layer),
+        unwrap(widget.binder.labels_layer),
+        unwrap(widget.binder.preview_layer),
     )
-    assert unwrap(widget.image_layer) is image
+    assert unwrap(widget.binder.image_layer) is image
     assert points.ndim == 3 and labels.data.shape == zstack.shape and preview.ndim == 3
-    assert "axis 0" in widget.axis_label.text()
-    assert (widget.start_spin.value(), widget.stop_spin.value()) == (0, DEPTH - 1)
+    assert "axis 0" in widget.propagate_section.axis_label.text()
+    assert (widget.propagate_section.start_spin.value(), widget.propagate_section.stop_spin.value()) == (0, DEPTH - 1)
     pp = settings(widget)
 
     def on_slice(k, prompt):
@@ -168,7 +162,7 @@ def test_stack_slices_commit_propagate_repropagate_and_cancel(
     assert preview.data.shape == (1, 80, 112)
     np.testing.assert_allclose(preview.translate, (2, 0, 0))
     np.testing.assert_array_equal(preview.data[0], want2)
-    assert widget.preview_region == ((2,), (slice(0, 80), slice(0, 112)))
+    assert widget.object_section.preview_region == ((2,), (slice(0, 80), slice(0, 112)))
 
     # a prompt of the same object on slice 5 does not leak into slice 2
     points.add([[5, 55, 85]])
@@ -185,10 +179,10 @@ def test_stack_slices_commit_propagate_repropagate_and_cancel(
     np.testing.assert_array_equal(preview.data[0], want2)
 
     # commit writes slice 2 only and removes slice 2's prompts only
-    press(qtbot, widget.commit_button)
+    press(qtbot, widget.object_section.commit_button)
     np.testing.assert_array_equal(labels.data[2], want2)
     assert not np.delete(labels.data, 2, axis=0).any()
-    assert points.data[:, 0].tolist() == [5.0] and widget.object_id == 2
+    assert points.data[:, 0].tolist() == [5.0] and widget.session.object_id == 2
     labels.undo()
     assert not labels.data.any()
     labels.redo()
@@ -203,8 +197,8 @@ def test_stack_slices_commit_propagate_repropagate_and_cancel(
     widget.progress_bar.valueChanged.connect(
         lambda v: progress.append((v, widget.progress_bar.maximum()))
     )
-    press(qtbot, widget.propagate_button)
-    assert widget.task_worker is not None
+    press(qtbot, widget.propagate_section.propagate_button)
+    assert widget.runner.task_worker is not None
     wait_idle(widget, qtbot)
     prompts = {3: {2: ObjectPrompt(points=[(r3, c3)])}}
     common = {"axis": 0, "limits": LIMITS, "stop_after": 3, **pp}
@@ -217,14 +211,14 @@ def test_stack_slices_commit_propagate_repropagate_and_cancel(
 
     # a correction on slice 5, re-propagated forward from there: slices < 5 unchanged
     viewer.dims.set_current_step(0, 5)
-    widget.object_id = 2
+    widget.session.object_id = 2
     points.add([[5, 40, 20]])
     wait_idle(widget, qtbot)
-    press(qtbot, widget.start_here_button)
-    assert widget.start_spin.value() == 5
-    widget.direction_combo.setCurrentText("forward")
+    press(qtbot, widget.propagate_section.start_here_button)
+    assert widget.propagate_section.start_spin.value() == 5
+    widget.propagate_section.direction_combo.setCurrentText("forward")
     before = labels.data.copy()
-    press(qtbot, widget.propagate_button)
+    press(qtbot, widget.propagate_section.propagate_button)
     wait_idle(widget, qtbot)
     prompts[5] = {2: ObjectPrompt(points=[(40, 20)])}
     want = seg.propagate(zstack, prompts, direction="forward", start=5, out=before.copy(), **common)
@@ -237,13 +231,13 @@ def test_stack_slices_commit_propagate_repropagate_and_cancel(
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # cancel: slices done stay, the rest is untouched (the tracker is gated at slice 3)
-    widget.new_object()
-    assert widget.object_id == 3
+    widget.object_section.new_object()
+    assert widget.session.object_id == 3
     viewer.dims.set_current_step(0, 0)
     _, r0, c0 = click(viewer, qtbot, points, 35, 30)
     wait_idle(widget, qtbot)
-    widget.start_spin.setValue(0)
-    widget.stop_after_spin.setValue(1000)
+    widget.propagate_section.start_spin.setValue(0)
+    widget.propagate_section.stop_after_spin.setValue(1000)
     engine = seg.video_tracker()
     real_forward = engine.model.forward
     calls, started, release = [0], threading.Event(), threading.Event()
@@ -257,10 +251,10 @@ def test_stack_slices_commit_propagate_repropagate_and_cancel(
 
     monkeypatch.setattr(engine.model, "forward", gated)
     before = labels.data.copy()
-    press(qtbot, widget.propagate_button)
+    press(qtbot, widget.propagate_section.propagate_button)
     qtbot.waitUntil(started.is_set, timeout=WAIT_MS)
-    qtbot.waitUntil(lambda: widget.task is not None and widget.task.done == 3, timeout=WAIT_MS)
-    press(qtbot, widget.cancel_button)
+    qtbot.waitUntil(lambda: widget.runner.task is not None and widget.runner.task.done == 3, timeout=WAIT_MS)
+    press(qtbot, widget.object_section.cancel_button)
     release.set()
     wait_idle(widget, qtbot)
     assert "cancelled" in widget.status and "3 slice(s)" in widget.status
@@ -293,20 +287,20 @@ def test_tzyx_propagates_along_the_stepped_axis_and_rgb_stack_clicks(
     lazy = da.from_array(series, chunks=(1, 1, 48, 64))  # a lazy (T, Z, Y, X) series
     add(viewer, widget, qtbot, lazy, contrast_limits=LIMITS)
     points, labels, preview = (
-        unwrap(widget.points_layer),
-        unwrap(widget.labels_layer),
-        unwrap(widget.preview_layer),
+        unwrap(widget.binder.points_layer),
+        unwrap(widget.binder.labels_layer),
+        unwrap(widget.binder.preview_layer),
     )
     assert labels.data.shape == series.shape
     viewer.dims.set_current_step(0, 1)
     viewer.dims.set_current_step(1, 2)
     viewer.dims.last_used = 1  # the user steps through z
-    assert widget.propagation_axis() == (1, {0: 1})
-    assert "axis 1" in widget.axis_label.text() and "axis 0 stays at 1" in widget.axis_label.text()
-    assert (widget.start_spin.value(), widget.stop_spin.value()) == (0, 3)
+    assert widget.binder.propagation_axis() == (1, {0: 1})
+    assert "axis 1" in widget.propagate_section.axis_label.text() and "axis 0 stays at 1" in widget.propagate_section.axis_label.text()
+    assert (widget.propagate_section.start_spin.value(), widget.propagate_section.stop_spin.value()) == (0, 3)
     # precompute every z of t = 1: clicks and propagation there need no encoder
-    widget.precompute_combo.setCurrentText("all slices")
-    press(qtbot, widget.precompute_button)
+    widget.cache_section.precompute_combo.setCurrentText("all slices")
+    press(qtbot, widget.cache_section.precompute_button)
     wait_idle(widget, qtbot)
     assert seg.encoder_calls == 4 and "Precomputed 4 tiles (4 encoded" in widget.status
     t, z, r, c = click(viewer, qtbot, points, 22, 26)
@@ -320,7 +314,7 @@ def test_tzyx_propagates_along_the_stepped_axis_and_rgb_stack_clicks(
     )
     points.add([[0, 1, 30, 40]])  # same object at another time point: not used
     wait_idle(widget, qtbot)
-    press(qtbot, widget.propagate_button)
+    press(qtbot, widget.propagate_section.propagate_button)
     wait_idle(widget, qtbot)
     want = seg.propagate(
         series, {2: {1: prompt}}, axis=1, fixed={0: 1}, direction="both", limits=LIMITS, **pp
@@ -333,8 +327,8 @@ def test_tzyx_propagates_along_the_stepped_axis_and_rgb_stack_clicks(
     viewer.layers.clear()
     rgb = np.clip(np.repeat(series[0][..., None], 3, axis=-1) / 4, 0, 255).astype(np.uint8)
     add(viewer, widget, qtbot, rgb, name="rgb")
-    points, preview = unwrap(widget.points_layer), unwrap(widget.preview_layer)
-    assert points.ndim == 3 and unwrap(widget.labels_layer).data.shape == rgb.shape[:3]
+    points, preview = unwrap(widget.binder.points_layer), unwrap(widget.binder.preview_layer)
+    assert points.ndim == 3 and unwrap(widget.binder.labels_layer).data.shape == rgb.shape[:3]
     viewer.dims.set_current_step(0, 3)
     z, r, c = click(viewer, qtbot, points, 20, 30)
     wait_idle(widget, qtbot)
@@ -369,7 +363,7 @@ def test_large_zarr_multiscale_image_tiles_precompute_and_zarr_labels(
 ):
     import zarr
 
-    from napari_sam3 import _widget_layers
+    from napari_sam3.widget import scratch_labels
 
     rng = np.random.default_rng(5)
     centers = [(r, c, 150) for r in range(40, 400, 70) for c in range(40, 600, 80)]
@@ -385,9 +379,9 @@ def test_large_zarr_multiscale_image_tiles_precompute_and_zarr_labels(
     assert seg.store.path is not None and seg.tile_size == 112 and seg.overlap == 28
     add(viewer, widget, qtbot, [level0, pixels[::2, ::2]], multiscale=True, contrast_limits=LIMITS)
     points, labels, preview = (
-        unwrap(widget.points_layer),
-        unwrap(widget.labels_layer),
-        unwrap(widget.preview_layer),
+        unwrap(widget.binder.points_layer),
+        unwrap(widget.binder.labels_layer),
+        unwrap(widget.binder.preview_layer),
     )
     assert labels.data.shape == pixels.shape and isinstance(labels.data, np.ndarray)
     grid = seg.tiles(pixels)
@@ -411,7 +405,7 @@ def test_large_zarr_multiscale_image_tiles_precompute_and_zarr_labels(
     outside[obj.region] = 0
     assert not outside.any()
 
-    press(qtbot, widget.commit_button)
+    press(qtbot, widget.object_section.commit_button)
     np.testing.assert_array_equal(labels.data, want)
     labels.undo()
     assert not labels.data.any()
@@ -422,7 +416,7 @@ def test_large_zarr_multiscale_image_tiles_precompute_and_zarr_labels(
     cam.zoom = 4.0
     qtbot.wait(50)
     h, w = viewer.canvas.size
-    fov = widget.field_of_view()
+    fov = widget.binder.field_of_view()
     expect = np.clip((100 - h / 8, 150 - w / 8, 100 + h / 8, 150 + w / 8), 0, [400, 600] * 2)
     assert np.allclose(fov, expect, atol=1.5), (fov, expect)
     n_fov = len(grid.tiles_in(fov))
@@ -432,8 +426,8 @@ def test_large_zarr_multiscale_image_tiles_precompute_and_zarr_labels(
     widget.progress_bar.valueChanged.connect(
         lambda v: progress.append((v, widget.progress_bar.maximum()))
     )
-    widget.precompute_combo.setCurrentText("field of view")
-    press(qtbot, widget.precompute_button)
+    widget.cache_section.precompute_combo.setCurrentText("field of view")
+    press(qtbot, widget.cache_section.precompute_button)
     wait_idle(widget, qtbot)
     assert (n_fov, n_fov) in progress, progress
     assert seg.encoder_calls == 1 + new_fov
@@ -457,39 +451,39 @@ def test_large_zarr_multiscale_image_tiles_precompute_and_zarr_labels(
         return real_encode(rgb, key)
 
     monkeypatch.setattr(seg, "encode_rgb", gated)
-    widget.precompute_combo.setCurrentText("whole image")
-    press(qtbot, widget.precompute_button)
+    widget.cache_section.precompute_combo.setCurrentText("whole image")
+    press(qtbot, widget.cache_section.precompute_button)
     qtbot.waitUntil(started.is_set, timeout=WAIT_MS)
-    press(qtbot, widget.cancel_button)
+    press(qtbot, widget.object_section.cancel_button)
     release.set()
     wait_idle(widget, qtbot)
     assert "cancelled" in widget.status
     cached = len(seg.store.disk_entries())
     assert cached == 1 + new_fov + 3
-    assert widget.precompute()
+    assert widget.cache_section.precompute()
     wait_idle(widget, qtbot)
     assert f"Precomputed 35 tiles ({35 - cached} encoded" in widget.status
 
     # above LARGE_PIXELS the labels layer the widget creates is Zarr; commit is undoable
-    monkeypatch.setattr(_widget_layers, "LARGE_PIXELS", 100_000)
+    monkeypatch.setattr(scratch_labels, "LARGE_PIXELS", 100_000)
     small = pixels[:300, :500].copy()
     cam.zoom = 1.0
     add(viewer, widget, qtbot, small, name="big", contrast_limits=LIMITS)
     labels, points, preview = (
-        unwrap(widget.labels_layer),
-        unwrap(widget.points_layer),
-        unwrap(widget.preview_layer),
+        unwrap(widget.binder.labels_layer),
+        unwrap(widget.binder.points_layer),
+        unwrap(widget.binder.preview_layer),
     )
     assert isinstance(labels.data, zarr.Array) and labels.data.shape == small.shape
     viewer.reset_view()
     points.selected_data = set(range(len(points.data)))  # the prompt layer is shared
     points.remove_selected()
     wait_idle(widget, qtbot)
-    obj_id = widget.object_id
+    obj_id = widget.session.object_id
     r, c = click(viewer, qtbot, points, 150, 250)
     wait_idle(widget, qtbot)
     want = seg.segment(small, [ObjectPrompt(points=[(r, c)])], limits=LIMITS, **pp)
-    assert widget.commit()
+    assert widget.object_section.commit()
     np.testing.assert_array_equal(np.asarray(labels.data[...]), np.where(want > 0, obj_id, 0))
     labels.undo()
     assert not np.asarray(labels.data[...]).any()

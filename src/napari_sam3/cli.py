@@ -35,11 +35,14 @@ from ._cli.cache import human_bytes as _human_bytes  # noqa: F401 - read by the 
 from ._cli.errors import PROG, CliError, one_line
 from ._cli.precompute import cmd_precompute
 from ._cli.segment import cmd_segment
-from ._cli.segment_instances import DEFAULT_THRESHOLD as _DEFAULT_THRESHOLD
 from ._cli.view import cmd_view
-from .core.model import DEFAULT_MODEL
-
-_DIRECTIONS = ("forward", "backward", "both")  # as propagation.DIRECTIONS (not imported: light)
+from .core.defaults import (
+    DEFAULT_MODEL,
+    DEFAULT_STOP_AFTER,
+    DEFAULT_THRESHOLD,
+    DEFAULT_TILE,
+    DIRECTIONS,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,7 +158,8 @@ def _add_image_options(p, cache_required: bool) -> None:
         type=_tile_size,
         metavar="N",
         default=None,
-        help="tile size for large images in pixels (default: the model input, 1008 for SAM3)",
+        help=f"tile size for large images in pixels (default: the model input, {DEFAULT_TILE} "
+        "for SAM3)",
     )
     p.add_argument(
         "--overlap",
@@ -273,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_unit_float,
         metavar="X",
         default=None,
-        help=f"keep instances scoring above X, 0 to 1 (default: {_DEFAULT_THRESHOLD})",
+        help=f"keep instances scoring above X, 0 to 1 (default: {DEFAULT_THRESHOLD})",
     )
     concept.add_argument(
         "--concept-model",
@@ -330,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     prop = seg.add_argument_group("propagation through a stack (with --propagate)")
     prop.add_argument(
         "--propagate",
-        choices=_DIRECTIONS,
+        choices=DIRECTIONS,
         default=None,
         help="track the prompted objects from their slices through the stack",
     )
@@ -369,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         default=None,
         help="stop following an object after N slices in a row with an object score below "
-        "--score-threshold (default: 3)",
+        f"--score-threshold (default: {DEFAULT_STOP_AFTER})",
     )
     prop.add_argument(
         "--score-threshold",

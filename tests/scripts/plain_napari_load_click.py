@@ -37,7 +37,7 @@ def main(model: str, row: float, col: float) -> int:
     docks = [w for name, w in viewer.window.dock_widgets.items() if "SAM3" in name]
     assert len(docks) == 1, list(viewer.window.dock_widgets)
     widget = docks[0]
-    widget.model_edit.setText(model)
+    widget.model_section.model_edit.setText(model)
     from napari_sam3._cli.view import _load_and_click
 
     _load_and_click(viewer, widget, row, col, timeout_s=300)

@@ -175,25 +175,13 @@ def new_labels(staged: Path, shape: tuple):
     return np.zeros(shape, dtype=np.int32)
 
 
-class _Plane:
-    """Plane ``k`` of a 3D array-like (e.g. Zarr): reads and writes go to ``arr[k, ...]``."""
-
-    def __init__(self, arr, k: int):
-        self.arr, self.k = arr, k
-        self.shape, self.dtype = tuple(arr.shape[1:]), arr.dtype
-
-    def __getitem__(self, key):
-        return self.arr[(self.k,) + (key if isinstance(key, tuple) else (key,))]
-
-    def __setitem__(self, key, value):
-        self.arr[(self.k,) + (key if isinstance(key, tuple) else (key,))] = value
-
-
 def plane(labels, k: int):
     """Slice ``k`` of 3D labels, to read and write: a NumPy view, or a plane of Zarr."""
     import numpy as np
 
-    return labels[k] if isinstance(labels, np.ndarray) else _Plane(labels, k)
+    from ..core.planes import PlaneView
+
+    return labels[k] if isinstance(labels, np.ndarray) else PlaneView(labels, (k,))
 
 
 def count_labels(labels) -> tuple[dict[int, int], int]:

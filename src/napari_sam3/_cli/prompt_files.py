@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.defaults import MAX_ID
 from ..core.prompts import PromptError, check_box
 from .errors import CliError
 from .inputs import Input
@@ -15,8 +16,6 @@ from .inputs import Input
 
 def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-MAX_ID = 2**31 - 1  # labels are int32
 
 
 @dataclass

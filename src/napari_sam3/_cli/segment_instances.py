@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..core.defaults import DEFAULT_THRESHOLD
 from .cache import optional_cache
 from .errors import CliError, reported_as_failed, warn
 from .inputs import Input, resolve_limits
@@ -24,7 +25,6 @@ from .output import (
 )
 from .prompt_files import load_exemplars
 
-DEFAULT_THRESHOLD = 0.5  # concept.DEFAULT_THRESHOLD (not imported: light)
 CONCEPT_OPTIONS = ("threshold", "concept_model")
 EVERYTHING_OPTIONS = (
     "points_per_side",
@@ -69,9 +69,6 @@ def segment_instances(args, mode: str, inp: Input) -> int:
                 progress=progress,
                 **options,
             )
-
-        def paint(result, target, start_id):
-            result.relabel(out=target, start_id=start_id)
     else:
         from ..core.everything import SETTINGS, generate_everything
 
@@ -93,8 +90,7 @@ def segment_instances(args, mode: str, inp: Input) -> int:
                 model, image, settings=everything, limits=limits, progress=progress
             )
 
-        def paint(result, target, start_id):
-            result.labels(target, start_id=start_id)
+    from ..core.instances import paint_in_sequence
 
     n_tiles = len(model.tiles(inp.frames[0] if inp.is_stack else inp.plane))
     rows: list[dict] = []
@@ -107,12 +103,10 @@ def segment_instances(args, mode: str, inp: Input) -> int:
             image = inp.frames[k] if inp.is_stack else inp.plane
             result = run(image, _tile_progress(where, n_tiles, n_steps))
             target = plane(labels, k) if inp.is_stack else labels
-            paint(result, target, next_id)  # ids continue from the slices before
+            next_id = paint_in_sequence([(result, target)], start_id=next_id)  # ids continue
             found = instance_rows(result.features, k if inp.is_stack else None)
             rows += found
             labelled += bool(found)
-            if found:
-                next_id = found[-1]["id"] + 1
             if inp.is_stack:
                 print(f"slice {k} segmented: {_count(len(found), 'instance')}", flush=True)
         if csv_path is None:

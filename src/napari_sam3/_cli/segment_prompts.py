@@ -3,6 +3,7 @@ slices of a stack, or tracked through the stack (``--propagate``)."""
 
 from __future__ import annotations
 
+from ..core.defaults import DEFAULT_STOP_AFTER
 from .cache import optional_cache
 from .errors import CliError, reported_as_failed, warn
 from .inputs import Input, resolve_limits
@@ -98,7 +99,7 @@ def _propagate(segmenter, inp: Input, prompts_by_slice, labels, limits, args, po
                slices: tuple[int, int]) -> None:
     """``Sam3Segmenter.iter_propagate`` over ``slices`` (start, stop excluded) into
     ``labels``, with a progress line per slice."""
-    from ..core.segmenter import write_slice
+    from ..core.propagation import write_slice
 
     results = segmenter.iter_propagate(
         inp.data,
@@ -109,7 +110,7 @@ def _propagate(segmenter, inp: Input, prompts_by_slice, labels, limits, args, po
         fixed=inp.fixed,
         limits=limits,
         score_threshold=0.0 if args.score_threshold is None else args.score_threshold,
-        stop_after=3 if args.stop_after is None else args.stop_after,
+        stop_after=DEFAULT_STOP_AFTER if args.stop_after is None else args.stop_after,
     )
     for result in results:
         write_slice(labels, result, **post)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import PROG, CliError, failed, warn
+from .errors import PROG, CliError, failed
 from .inputs import read_image
 
 WIDGET_NAME = "SAM3 segmentation"
@@ -29,23 +29,9 @@ def _check_display() -> None:
     )
 
 
-def _set_widget_model(widget, model: str) -> bool:
-    """Preset the model id/folder in the widget; True if the widget has a place for it."""
-    setter = getattr(widget, "set_model_name", None)
-    if callable(setter):
-        setter(model)
-        return True
-    for name in ("model_edit", "model_field", "model_name", "model"):
-        field = getattr(widget, name, None)
-        if field is None:
-            continue
-        if hasattr(field, "setText"):  # a QLineEdit
-            field.setText(model)
-            return True
-        if hasattr(field, "value") and not callable(field.value):  # a magicgui widget
-            field.value = model
-            return True
-    return False
+def _set_widget_model(widget, model: str) -> None:
+    """Preset the model id or folder in the widget's Model section."""
+    widget.model_section.model_edit.setText(model)
 
 
 def _parse_click(value: str | None) -> tuple[float, float] | None:
@@ -82,15 +68,15 @@ def _load_and_click(viewer, widget, row: float, col: float, timeout_s: float = 9
     heavy = ", ".join(m for m in ("torch", "transformers") if m in sys.modules)
     print(f"napari is up; imported before Load model: {heavy or 'neither torch nor transformers'}",
           flush=True)
-    widget.load_button.click()
-    _wait(lambda: widget.load_worker is None, timeout_s, "Load model")
-    if widget.segmenter is None:
+    widget.model_section.load_button.click()
+    _wait(lambda: widget.runner.load_worker is None, timeout_s, "Load model")
+    if widget.session.segmenter is None:
         raise failed(f"Load model failed: {widget.status}")
     print(f"model loaded: {widget.status}", flush=True)
-    points = widget.points_layer
+    points = widget.binder.points_layer
     if points is None:
         raise failed("no image to click on: the widget has no points layer")
-    image_shape = widget.image_layer.data.shape[:2]
+    image_shape = widget.binder.image_layer.data.shape[:2]
     if not (row < image_shape[0] and col < image_shape[1]):
         raise failed(f"--click {row:g},{col:g} is outside the image of {image_shape[0]}x"
                      f"{image_shape[1]} px")
@@ -98,7 +84,9 @@ def _load_and_click(viewer, widget, row: float, col: float, timeout_s: float = 9
     QApplication.processEvents()
     viewer.layers.selection.active = points
     points.mode = "add"
-    canvas, camera = viewer.window._qt_viewer.canvas.native, viewer.scene.camera
+    scene = getattr(viewer, "scene", None)  # napari < 0.9: viewer.camera
+    canvas = viewer.window._qt_viewer.canvas.native
+    camera = viewer.camera if scene is None else scene.camera
     cy, cx = camera.center[-2:]
     pos = QPoint(round((col - cx) * camera.zoom + canvas.width() / 2),
                  round((row - cy) * camera.zoom + canvas.height() / 2))
@@ -108,7 +96,7 @@ def _load_and_click(viewer, widget, row: float, col: float, timeout_s: float = 9
     _wait(lambda: not widget.busy, timeout_s, "the preview")
     import numpy as np
 
-    area = int(np.count_nonzero(np.asarray(widget.preview_layer.data)))
+    area = int(np.count_nonzero(np.asarray(widget.binder.preview_layer.data)))
     print(f"clicked ({row:g}, {col:g}): preview of {area} px; {widget.status}", flush=True)
     if area == 0:
         raise failed(f"the click gave an empty preview: {widget.status}")
@@ -147,8 +135,8 @@ def cmd_view(args) -> int:
     except Exception as e:  # noqa: BLE001 - say what failed in one line, then close napari
         viewer.close()
         raise failed(f"cannot open the {WIDGET_NAME} widget: {type(e).__name__}: {e}") from None
-    if args.model and not _set_widget_model(widget, args.model):
-        warn("the widget has no model field; --model ignored")
+    if args.model:
+        _set_widget_model(widget, args.model)
     from qtpy.QtWidgets import QApplication
 
     try:
@@ -161,7 +149,7 @@ def cmd_view(args) -> int:
         if shot is None:
             napari.run()
             return 0
-        viewer.reset_view()  # the dock narrowed the canvas
+        viewer.reset_view()  # the window was resized for the screenshot
         QApplication.processEvents()
         viewer.screenshot(str(shot), canvas_only=False, flash=False)
     except BaseException:

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-MAX_ID = 2**31 - 1  # labels are int32
+from .defaults import MAX_ID
 
 
 def is_whole(value) -> bool:

@@ -5,7 +5,7 @@ image, up to 200 candidate instances with a mask, a box and a score
 ``sigmoid(logit) * sigmoid(presence)``. :class:`ConceptSegmenter` runs it tile by
 tile over large images and keeps every candidate above a low floor
 (``min_score``) in a :class:`ConceptResult`; the user's threshold is applied
-afterwards by :meth:`ConceptResult.relabel`, so moving it never runs the model
+afterwards by :meth:`ConceptResult.paint`, so moving it never runs the model
 again. Tiles are merged by :func:`napari_sam3.instances.merge_tiles` (an object on a
 seam is taken whole from the tile that holds it best; no duplicates).
 
@@ -33,15 +33,24 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
-from .cache import MemoryLRU, content_key
+from .cache import MemoryLRU
+from .defaults import DEFAULT_MIN_SCORE, DEFAULT_MODEL, DEFAULT_THRESHOLD
 from .embedding_store import EmbeddingStore
 from .everything import is_stack, segment_stack, stack_limits
-from .instances import Instance, Painted, clean_instances, merge_tiles, nms, paint_labels
+from .instances import (
+    Instance,
+    InstanceResult,
+    Painted,
+    clean_instances,
+    merge_tiles,
+    nms,
+    paint_labels,
+)
 from .model import (
-    DEFAULT_MODEL,
     ModelLoadError,
     checkpoint_type,
     first_line,
@@ -57,8 +66,6 @@ from .postprocess import DEFAULTS as CLEANUP
 from .prompts import PromptError, binary_labels, box_to_xyxy, check_box
 from .tiling import TiledModel, TileGrid, pad_to
 
-DEFAULT_THRESHOLD = 0.5
-DEFAULT_MIN_SCORE = 0.05  # candidates kept for later threshold changes
 MASK_THRESHOLD = 0.5  # on the sigmoid of the mask logits, as in post_process_instance_segmentation
 FEATURE_KEYS = ("presence",)
 _TRUNK_KIND = "sam3-detector-vit-trunk"
@@ -118,12 +125,14 @@ def _exemplar_array(exemplars, labels, shape) -> tuple[np.ndarray, np.ndarray]:
 
 # -- results ----------------------------------------------------------------------------------
 @dataclass
-class ConceptResult:
-    """Every candidate instance of one 2D image; :meth:`relabel` applies a threshold.
+class ConceptResult(InstanceResult):
+    """Every candidate instance of one 2D image; :meth:`paint` applies a threshold.
 
-    ``candidates`` are per tile, unmerged, with score above ``min_score``. Changing the
-    threshold only filters, merges tiles and writes labels: no model call.
+    ``candidates`` (its ``items``) are per tile, unmerged, with score above ``min_score``.
+    Changing the threshold only filters, merges tiles and writes labels: no model call.
     """
+
+    feature_keys: ClassVar[tuple[str, ...]] = FEATURE_KEYS
 
     shape: tuple[int, int]
     grid: TileGrid
@@ -152,12 +161,18 @@ class ConceptResult:
         merged = merge_tiles(chosen, self.grid, match_iou=self.match_iou)
         return clean_instances(merged, self.min_area, self.max_hole_area, self.max_sprinkle_area)
 
-    def relabel(self, threshold: float | None = None, out=None, *, overwrite: bool = False,
-                start_id: int | None = None) -> np.ndarray:
-        """int32 labels of the instances above ``threshold`` (ids by decreasing score).
+    @property
+    def items(self) -> list[Instance]:
+        return self.candidates
+
+    def paint(self, out=None, *, threshold: float | None = None, overwrite: bool = False,
+              start_id: int | None = None) -> np.ndarray:
+        """int32 labels of the instances above ``threshold`` (default: :attr:`threshold`),
+        ids by decreasing score.
 
         ``out``: labels to add to (kept unless ``overwrite``, new ids above their
-        maximum), else a new array. Updates :attr:`threshold` and :attr:`features`.
+        maximum), else a new array. Updates :attr:`threshold` and :attr:`features`
+        (index, score, area, presence).
         """
         chosen = self.instances(threshold)
         if threshold is not None:
@@ -166,12 +181,6 @@ class ConceptResult:
                                          start_id=start_id, min_area=self.min_area)
         return out
 
-    @property
-    def features(self) -> dict[str, np.ndarray]:
-        """napari features of the last :meth:`relabel`: index, score, area, presence."""
-        if self.painted is None:
-            self.relabel()
-        return self.painted.features(FEATURE_KEYS)
 
 
 # -- the segmenter ----------------------------------------------------------------------------
@@ -232,34 +241,31 @@ class ConceptSegmenter(TiledModel):
 
     # -- features ---------------------------------------------------------------------------
     def _trunk_key(self, rgb: np.ndarray) -> str:
-        storage = self.store.storage_dtype.name if self.store is not None else "memory"
-        return content_key(rgb, self.fingerprint, self.input_size, str(self.dtype), storage,
-                           _TRUNK_KIND)
+        return self.feature_key(rgb, _TRUNK_KIND)
 
     def trunk(self, rgb: np.ndarray, meta: dict | None = None):
         """ViT output (1, h*w, C) for an (H, W, 3) uint8 image: memory, disk, or the ViT."""
         import torch
 
-        key = self._trunk_key(rgb)
-        hit = self.memory.get(key)
-        if hit is not None:
-            return hit
-        feats = self.store.get(key) if self.store is not None else None
-        if feats is None:
+        def compute():
             pixels = self.processor.image_processor(images=rgb, return_tensors="pt")
             pixels = pixels["pixel_values"].to(self.device, self.dtype)
             with torch.inference_mode():
                 hidden = self.model.vision_encoder.backbone(pixels).last_hidden_state
             self.encoder_calls += 1
-            if self.store is not None:
-                meta = {"model": self.fingerprint, "input_size": self.input_size,
-                        "compute_dtype": str(self.dtype), "kind": _TRUNK_KIND,
-                        "image_shape": list(rgb.shape[:2]), **(meta or {})}
-                feats = self.store.put(key, [hidden[0].float().cpu().numpy()], meta)
-        if feats is not None:
-            hidden = torch.from_numpy(np.asarray(feats[0]))[None].to(self.device, self.dtype)
-        self.memory.put(key, hidden)
-        return hidden
+            return hidden
+
+        def load(feats):
+            return torch.from_numpy(np.asarray(feats[0]))[None].to(self.device, self.dtype)
+
+        def stored_meta() -> dict:
+            return {"model": self.fingerprint, "input_size": self.input_size,
+                    "compute_dtype": str(self.dtype), "kind": _TRUNK_KIND,
+                    "image_shape": list(rgb.shape[:2]), **(meta or {})}
+
+        return self.feature_cache.get_or_compute(
+            self._trunk_key(rgb), compute, load,
+            lambda hidden: [hidden[0].float().cpu().numpy()], stored_meta)
 
     def vision_embeds(self, rgb: np.ndarray, meta: dict | None = None):
         """``Sam3VisionEncoderOutput`` for ``rgb`` from the cached trunk (the neck runs here);
@@ -455,15 +461,14 @@ class ConceptSegmenter(TiledModel):
         if is_stack(image, rgb):
             lim = stack_limits(image, limits, rgb)
 
-            def one(z, labels, start_id):
-                res = self.detect(image[z], text, exemplars, exemplar_labels=exemplar_labels,
-                                  threshold=threshold, limits=lim, **options)
-                return res.relabel(out=labels, overwrite=overwrite, start_id=start_id)
+            def detect(plane) -> ConceptResult:
+                return self.detect(plane, text, exemplars, exemplar_labels=exemplar_labels,
+                                   threshold=threshold, limits=lim, **options)
 
-            return segment_stack(one, image, out)
+            return segment_stack(detect, image, out, overwrite=overwrite)
         res = self.detect(image, text, exemplars, exemplar_labels=exemplar_labels,
                           threshold=threshold, limits=limits, **options)
-        return res.relabel(out=out, overwrite=overwrite)
+        return res.paint(out, overwrite=overwrite)
 
 
 # -- sharing the ViT trunk with the tracker -----------------------------------------------------

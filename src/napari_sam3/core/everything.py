@@ -30,10 +30,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
-from .instances import Instance, Painted, clean_instances, merge_tiles, paint_labels
+from .instances import (
+    Instance,
+    InstanceResult,
+    Painted,
+    clean_instances,
+    merge_tiles,
+    next_label,
+    paint_in_sequence,
+    paint_labels,
+)
+from .planes import plane_of
 from .postprocess import DEFAULTS as CLEANUP
 from .prompts import rowcol_to_xy
 
@@ -190,28 +201,30 @@ def _xyxy_inclusive(inst: Instance) -> list[float]:
 
 
 @dataclass
-class EverythingResult:
-    """Instances of one 2D image; :meth:`labels` writes them (cheap, no model)."""
+class EverythingResult(InstanceResult):
+    """Instances of one 2D image; :meth:`paint` writes them (cheap, no model)."""
 
     shape: tuple[int, int]
     instances: list[Instance]  # merged across tiles and cleaned, by decreasing score
     settings: EverythingSettings
     painted: Painted | None = field(default=None, repr=False)
+    feature_keys: ClassVar[tuple[str, ...]] = FEATURE_KEYS
+    min_score: ClassVar[float] = 0.0  # every instance is painted
 
-    def labels(self, out=None, *, overwrite: bool = False, start_id: int | None = None,
-               min_area: int | None = None) -> np.ndarray:
-        """int32 instance labels (ids by decreasing predicted IoU); see ``paint_labels``."""
+    @property
+    def items(self) -> list[Instance]:
+        return self.instances
+
+    def paint(self, out=None, *, threshold: float | None = None, overwrite: bool = False,
+              start_id: int | None = None, min_area: int | None = None) -> np.ndarray:
+        """int32 instance labels (ids by decreasing predicted IoU); see ``paint_labels``.
+        ``threshold`` is not used (every instance is painted); ``min_area`` defaults to
+        the settings'. Updates :attr:`features` (index, score, area, iou/stability)."""
         min_area = self.settings.min_area if min_area is None else min_area
         out, self.painted = paint_labels(self.instances, self.shape, out, overwrite=overwrite,
                                          start_id=start_id, min_area=min_area)
         return out
 
-    @property
-    def features(self) -> dict[str, np.ndarray]:
-        """napari features of the last :meth:`labels`: index, score, area, iou/stability."""
-        if self.painted is None:
-            self.labels()
-        return self.painted.features(FEATURE_KEYS)
 
 
 def _settings(settings: EverythingSettings | None, overrides: dict) -> EverythingSettings:
@@ -271,15 +284,14 @@ def segment_everything(segmenter, image, *, settings: EverythingSettings | None 
     if is_stack(image, rgb):
         lim = stack_limits(image, limits, rgb)
 
-        def one(z, labels, start_id):
-            res = generate_everything(segmenter, image[z], settings=settings, limits=lim,
-                                      progress=progress, **overrides)
-            return res.labels(labels, overwrite=overwrite, start_id=start_id)
+        def detect(plane) -> EverythingResult:
+            return generate_everything(segmenter, plane, settings=settings, limits=lim,
+                                       progress=progress, **overrides)
 
-        return segment_stack(one, image, out)
+        return segment_stack(detect, image, out, overwrite=overwrite)
     res = generate_everything(segmenter, image, settings=settings, limits=limits,
                               progress=progress, **overrides)
-    return res.labels(out, overwrite=overwrite)
+    return res.paint(out, overwrite=overwrite)
 
 
 # -- stacks (shared with concept.py) ----------------------------------------------------------
@@ -312,13 +324,14 @@ def stack_limits(stack, limits=None, rgb: bool | None = None):
     return limits_of_frames(StackFrames(stack, axis=0, rgb=rgb), limits)
 
 
-def segment_stack(segment_slice, stack, out=None) -> np.ndarray:
-    """Run ``segment_slice(z, out_slice, start_id) -> labels`` over axis 0 of ``stack``.
+def segment_stack(detect: Callable[[object], InstanceResult], stack, out=None, *,
+                  overwrite: bool = False) -> np.ndarray:
+    """Labels of ``detect(plane)`` for each plane along axis 0 of ``stack`` (a lazy
+    ``planes.PlaneView``), painted slice by slice into ``out`` (default: new int32 zeros).
 
-    New ids are unique across the stack (each slice starts above every id so far).
+    New ids are unique across the stack: they start above every label already in ``out``
+    and continue from slice to slice (:func:`instances.paint_in_sequence`).
     """
-    from .instances import next_label
-
     shape = tuple(int(v) for v in stack.shape[:3])
     if out is None:
         out = np.zeros(shape, dtype=np.int32)
@@ -326,10 +339,10 @@ def segment_stack(segment_slice, stack, out=None) -> np.ndarray:
         raise ValueError(f"labels of shape {tuple(out.shape)} do not fit the stack {shape}")
     next_id = next_label(out)
     for z in range(shape[0]):
-        labels = segment_slice(z, np.array(out[z]), next_id)
+        labels = np.array(out[z])  # the slice in memory, written back whole
+        next_id = paint_in_sequence([(detect(plane_of(stack, (z,))), labels)],
+                                    start_id=next_id, overwrite=overwrite)
         out[z] = labels
-        if labels.size:
-            next_id = max(next_id, int(labels.max()) + 1)
     return out
 
 

@@ -382,5 +382,58 @@ def paint_labels(instances: Iterable[Instance], shape=None, out=None, *, overwri
     return out, painted
 
 
+# -- results of concept detection and segment-everything --------------------------------------
+class InstanceResult:
+    """What a concept result and a segment-everything result share: the instances of one
+    2D image, painted into labels on demand (no model call).
+
+    ``items``: every instance that can be painted (a concept's candidates above its
+    ``min_score``, everything's instances); ``min_score``: the lowest score kept (0.0 for
+    everything); ``painted``: what the last :meth:`paint` wrote; ``features``: its napari
+    features table (painting first if nothing was painted yet).
+    """
+
+    feature_keys: tuple[str, ...] = ()  # columns of ``features`` from each instance's extra
+    painted: Painted | None
+    min_score: float
+
+    @property
+    def items(self) -> list[Instance]:
+        raise NotImplementedError
+
+    def paint(self, out=None, *, threshold: float | None = None, overwrite: bool = False,
+              start_id: int | None = None) -> np.ndarray:
+        """int32 labels of the instances (above ``threshold``, for a concept), by
+        decreasing score; ``out``, ``overwrite``, ``start_id`` as in :func:`paint_labels`."""
+        raise NotImplementedError
+
+    @property
+    def features(self) -> dict[str, np.ndarray]:
+        """napari features of the last :meth:`paint`: index, score, area and the result's
+        own columns."""
+        if self.painted is None:
+            self.paint()
+        return self.painted.features(self.feature_keys)
+
+
+def paint_in_sequence(pairs: Iterable[tuple[InstanceResult, object]], *, start_id: int,
+                      overwrite: bool = False, threshold: float | None = None) -> int:
+    """Paint each ``(result, out)`` pair in turn with ids continuing across them: the
+    first pair's new ids start at ``start_id``, each next one's above the last id painted
+    before it. Returns the next free id (``start_id`` when nothing was painted).
+
+    ``out``: the labels of that result's plane (NumPy, Zarr, ``planes.OffsetView``),
+    written in place; ``overwrite``, ``threshold`` as in :meth:`InstanceResult.paint`.
+    ``pairs`` may be a generator: each pair is painted before the next is drawn.
+    """
+    next_id = int(start_id)
+    for result, out in pairs:
+        result.paint(out, threshold=threshold, overwrite=overwrite, start_id=next_id)
+        if result.painted.ids:
+            next_id = result.painted.ids[-1] + 1
+    return next_id
+
+
 __all__ = ["Instance", "Painted", "box_iou", "mask_iou", "nms", "merge_tiles", "touches_seam",
-           "seam_margin", "clean_instances", "paint_labels", "next_label"]
+           "seam_margin", "clean_instances", "paint_labels", "next_label", "InstanceResult",
+           "paint_in_sequence"]

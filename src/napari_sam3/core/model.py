@@ -26,7 +26,8 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-DEFAULT_MODEL = "facebook/sam3"
+from .defaults import DEFAULT_MODEL
+
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 log = logging.getLogger(__name__)

@@ -178,6 +178,46 @@ class ObjectPrompt:
             raise PromptError(str(e)) from None
 
 
+def prompt_bbox(prompt: ObjectPrompt) -> tuple[float, float, float, float]:
+    """(row0, col0, row1, col1) around all of an object's points, box and mask."""
+    rows, cols = [], []
+    if len(prompt.points):
+        rows += list(prompt.points[:, 0])
+        cols += list(prompt.points[:, 1])
+    if prompt.box is not None:
+        rows += [prompt.box[0], prompt.box[2]]
+        cols += [prompt.box[1], prompt.box[3]]
+    if prompt.mask is not None and prompt.mask.any():
+        rr, cc = np.nonzero(prompt.mask)
+        rows += [rr.min(), rr.max()]
+        cols += [cc.min(), cc.max()]
+    if not rows:
+        raise PromptError("empty mask: no pixel is set, and there is no point or box")
+    return min(rows), min(cols), max(rows), max(cols)
+
+
+def prompt_in_tile(prompt: ObjectPrompt, tile, padded_shape, mask: bool = True
+                   ) -> ObjectPrompt:
+    """``prompt`` in the frame of ``tile`` (padded to ``padded_shape``); ``mask=False``
+    leaves out a mask prompt's crop (for checking points and boxes only)."""
+    local = prompt.shifted(tile.r0, tile.c0)
+    if prompt.mask is not None and not mask:
+        local.mask = None
+    elif prompt.mask is not None:
+        crop = np.zeros(padded_shape, dtype=bool)
+        h, w = tile.shape
+        crop[:h, :w] = prompt.mask[tile.slices]
+        local.mask = crop
+    if local.box is not None:  # a box sticking out of the tile is clipped to it
+        h, w = tile.shape
+        local.box = np.clip(local.box, 0, [h - 1, w - 1, h - 1, w - 1])
+    if len(local.points):
+        keep = ((local.points >= 0) & (local.points < tile.shape)).all(axis=1)
+        if keep.any():
+            local.points, local.point_labels = local.points[keep], local.point_labels[keep]
+    return local
+
+
 def rowcol_to_xy(points_rc: np.ndarray) -> list[list[float]]:
     """(row, col) -> SAM (x, y) = (col, row). The only place this swap happens."""
     pts = np.asarray(points_rc, dtype=np.float64).reshape(-1, 2)

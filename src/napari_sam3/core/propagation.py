@@ -15,13 +15,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checks import MAX_ID, is_whole, whole_number
+from .checks import is_whole, whole_number
+from .defaults import DEFAULT_DIRECTION, DEFAULT_STOP_AFTER, MAX_ID
 from .heap import trim_heap
 from .normalize import _sample, check_limits, robust_limits
+from .planes import PlaneView
+from .postprocess import paste_objects
 from .prompts import ObjectPrompt, PromptError, as_prompts, box_to_xyxy, rowcol_to_xy
 from .tiling import Tile
 
-DIRECTIONS = ("forward", "backward", "both")
 TRIM_EVERY = 32  # slices between returns of freed heap memory to the system
 
 
@@ -77,22 +79,7 @@ class StackFrames:
 
     def __getitem__(self, k: int):
         """Slice ``k`` lazily: a view that reads only what is indexed from it."""
-        return _Slice(self.stack, self.index(k), self.shape)
-
-
-class _Slice:
-    def __init__(self, stack, lead: tuple, shape):
-        self.stack, self.lead, self.shape = stack, lead, shape
-        self.dtype = stack.dtype
-        self.ndim = len(shape)
-
-    def __getitem__(self, key):
-        key = key if isinstance(key, tuple) else (key,)
-        return self.stack[self.lead + key]
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.asarray(self.stack[self.lead])
-        return out if dtype is None else out.astype(dtype)
+        return PlaneView(self.stack, self.index(k))
 
 
 class _FrameCount(dict):
@@ -157,8 +144,8 @@ class Propagator:
         return self._pos
 
     def run(self, frames: StackFrames, prompts: dict[int, dict[int, ObjectPrompt]], *,
-            tile: Tile, padded_shape, limits, direction: str = "both", start: int = 0,
-            stop: int | None = None, score_threshold: float = 0.0, stop_after: int = 3,
+            tile: Tile, padded_shape, limits, direction: str = DEFAULT_DIRECTION, start: int = 0,
+            stop: int | None = None, score_threshold: float = 0.0, stop_after: int = DEFAULT_STOP_AFTER,
             ) -> Iterator[SliceResult]:
         """Yield each slice's result as it is computed (prompted slices included)."""
         import torch
@@ -260,6 +247,18 @@ class _Grid:
 
     def padded_shape(self, tile):
         return self._padded
+
+
+def write_slice(out, result, max_hole_area: int = 0, max_sprinkle_area: int = 0) -> None:
+    """Write one ``SliceResult`` into ``out[index]``: its ids are replaced in the region,
+    other labels are kept."""
+    window = (result.index,) + tuple(result.region)
+    region = np.array(out[window])
+    region[np.isin(region, result.ids)] = 0
+    whole = (slice(0, region.shape[0]), slice(0, region.shape[1]))
+    paste_objects(region, [(whole, lg) for lg in result.logits], result.ids,
+                  max_hole_area, max_sprinkle_area, overwrite=False)
+    out[window] = region
 
 
 def stack_limits(frames: StackFrames, limits=None):

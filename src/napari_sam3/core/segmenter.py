@@ -12,14 +12,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import MemoryLRU, content_key
+from .cache import MemoryLRU
 from .checks import cleanup_areas, finite_number, label_ids, labels_shape, whole_number
+from .defaults import DEFAULT_DIRECTION, DEFAULT_MODEL, DEFAULT_STOP_AFTER, DIRECTIONS
 from .embedding_store import EmbeddingStore
 from .heap import trim_heap
-from .model import DEFAULT_MODEL, load_tracker, model_fingerprint, resolve_device
+from .model import load_tracker, model_fingerprint, resolve_device
 from .normalize import check_limits, image_limits, to_rgb_uint8
 from .postprocess import DEFAULTS, Flush, mask_box, paste_objects
-from .prompts import ObjectPrompt, PromptError, as_prompts, box_to_xyxy, rowcol_to_xy
+from .prompts import (
+    ObjectPrompt,
+    PromptError,
+    as_prompts,
+    box_to_xyxy,
+    prompt_bbox,
+    prompt_in_tile,
+    rowcol_to_xy,
+)
+from .propagation import write_slice
 from .tiling import Tile, TiledModel, TileGrid, pad_to
 
 _MASK_EPS = 1e-3  # binary mask prompt -> logits of about +-6.9, as micro-sam does
@@ -109,24 +119,6 @@ class ObjectMask:
                           self.logits, self.iou_score, self.object_score)
 
 
-def prompt_bbox(prompt: ObjectPrompt) -> tuple[float, float, float, float]:
-    """(row0, col0, row1, col1) around all of an object's points, box and mask."""
-    rows, cols = [], []
-    if len(prompt.points):
-        rows += list(prompt.points[:, 0])
-        cols += list(prompt.points[:, 1])
-    if prompt.box is not None:
-        rows += [prompt.box[0], prompt.box[2]]
-        cols += [prompt.box[1], prompt.box[3]]
-    if prompt.mask is not None and prompt.mask.any():
-        rr, cc = np.nonzero(prompt.mask)
-        rows += [rr.min(), rr.max()]
-        cols += [cc.min(), cc.max()]
-    if not rows:
-        raise PromptError("empty mask: no pixel is set, and there is no point or box")
-    return min(rows), min(cols), max(rows), max(cols)
-
-
 class Sam3Segmenter(TiledModel):
     """SAM3 point/box/mask segmentation with cached image embeddings.
 
@@ -188,44 +180,37 @@ class Sam3Segmenter(TiledModel):
         return to_rgb_uint8(image, limits)
 
     def embedding_key(self, rgb: np.ndarray) -> str:
-        storage = self.store.storage_dtype.name if self.store is not None else "memory"
-        return content_key(rgb, self.fingerprint, self.input_size, str(self.dtype), storage)
+        return self.feature_key(rgb)
 
-    def _lookup(self, rgb: np.ndarray) -> tuple[str, ImageEmbedding | None]:
-        key = self.embedding_key(rgb)
-        hit = self.memory.get(key)
-        if hit is None and self.store is not None:
-            feats = self.store.get(key)
-            if feats is not None:
-                hit = self._to_embedding(key, feats, rgb.shape[:2])
-                self.memory.put(key, hit)
-        return key, hit
+    def _loader(self, key: str, shape):
+        """Stored arrays -> the ImageEmbedding of ``key`` on the model's device and dtype."""
+        def load(feats) -> ImageEmbedding:
+            import torch
 
-    def _to_embedding(self, key, feats, shape) -> ImageEmbedding:
-        import torch
-
-        raw = [torch.from_numpy(np.asarray(f))[None].to(self.device, self.dtype) for f in feats]
-        return ImageEmbedding(key=key, raw=raw, features=with_no_memory(self.model, raw),
-                              image_shape=tuple(shape))
+            raw = [torch.from_numpy(np.asarray(f))[None].to(self.device, self.dtype)
+                   for f in feats]
+            return ImageEmbedding(key=key, raw=raw, features=with_no_memory(self.model, raw),
+                                  image_shape=tuple(shape))
+        return load
 
     def embed_rgb(self, rgb: np.ndarray, meta: dict | None = None) -> ImageEmbedding:
         """The embedding of an (H, W, 3) uint8 image: memory, then disk, then the encoder."""
-        key, hit = self._lookup(rgb)
-        if hit is not None:
-            return hit
-        emb = self.encode_rgb(rgb, key)
-        if self.store is not None:
-            feats = [f[0].float().cpu().numpy() for f in emb.raw]
-            meta = {"model": self.fingerprint, "input_size": self.input_size,
+        key = self.embedding_key(rgb)
+
+        def stored_meta() -> dict:
+            return {"model": self.fingerprint, "input_size": self.input_size,
                     "compute_dtype": str(self.dtype), "image_shape": list(rgb.shape[:2]),
                     **(meta or {})}
-            emb = self._to_embedding(key, self.store.put(key, feats, meta), rgb.shape[:2])
-        self.memory.put(key, emb)
-        return emb
+
+        return self.feature_cache.get_or_compute(
+            key, lambda: self.encode_rgb(rgb, key), self._loader(key, rgb.shape[:2]),
+            lambda emb: [f[0].float().cpu().numpy() for f in emb.raw], stored_meta)
 
     def cached_embedding(self, image, limits=None) -> ImageEmbedding | None:
         """The embedding of ``image`` if it is cached (memory or disk), without encoding."""
-        return self._lookup(self.prepare(image, limits))[1]
+        rgb = self.prepare(image, limits)
+        key = self.embedding_key(rgb)
+        return self.feature_cache.get(key, self._loader(key, rgb.shape[:2]))
 
     def encode(self, image, limits=None) -> ImageEmbedding:
         """Encode a whole image (resized to the model input), or return its cached embedding."""
@@ -336,7 +321,7 @@ class Sam3Segmenter(TiledModel):
         order = [t for t in grid.tiles if t in by_tile]
         for tile in order:  # in the tile's frame too, before anything is decoded or written
             for i in by_tile[tile]:
-                _to_tile_frame(prompts[i], tile, grid.padded_shape(tile), mask=False
+                prompt_in_tile(prompts[i], tile, grid.padded_shape(tile), mask=False
                                ).check_inside(grid.padded_shape(tile))
         for k, tile in enumerate(order):
             later = tuple((t.r0, t.c0, t.r1, t.c1) for t in order[k + 1:])
@@ -345,7 +330,7 @@ class Sam3Segmenter(TiledModel):
 
     def _tile_objects(self, image, grid, tile: Tile, idx, prompts, limits, crop: bool):
         emb = self.encode_tile(image, grid, tile, limits)
-        local = [_to_tile_frame(prompts[i], tile, grid.padded_shape(tile)) for i in idx]
+        local = [prompt_in_tile(prompts[i], tile, grid.padded_shape(tile)) for i in idx]
         for j, obj in self._decode(emb, local, valid=tile.shape, crop=crop):
             yield idx[j], obj.shifted(tile.r0, tile.c0)
 
@@ -443,9 +428,9 @@ class Sam3Segmenter(TiledModel):
             self._propagator = Propagator(self, net, processor)
         return self._propagator
 
-    def iter_propagate(self, stack, prompts_by_slice, axis: int = 0, direction: str = "both",
+    def iter_propagate(self, stack, prompts_by_slice, axis: int = 0, direction: str = DEFAULT_DIRECTION,
                        start: int | None = None, stop: int | None = None, *, fixed=None,
-                       limits=None, score_threshold: float = 0.0, stop_after: int = 3):
+                       limits=None, score_threshold: float = 0.0, stop_after: int = DEFAULT_STOP_AFTER):
         """Track objects through a stack; yields a ``SliceResult`` per slice as it comes.
 
         ``prompts_by_slice``: ``{slice: {id: ObjectPrompt}}`` (or ``{slice: [prompts]}``,
@@ -457,7 +442,7 @@ class Sam3Segmenter(TiledModel):
         score below ``score_threshold``; a pass ends when all its objects are gone.
         Arguments are checked here, before the first slice is tracked.
         """
-        from .propagation import DIRECTIONS, StackFrames, normalize_prompts
+        from .propagation import StackFrames, normalize_prompts
 
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}")
@@ -499,7 +484,7 @@ class Sam3Segmenter(TiledModel):
                                   direction=direction, start=start, stop=stop,
                                   score_threshold=score_threshold, stop_after=stop_after)
 
-    def propagate(self, stack, prompts_by_slice, axis: int = 0, direction: str = "both",
+    def propagate(self, stack, prompts_by_slice, axis: int = 0, direction: str = DEFAULT_DIRECTION,
                   start: int | None = None, stop: int | None = None, *, out=None,
                   max_hole_area: int = DEFAULTS.max_hole_area,
                   max_sprinkle_area: int = DEFAULTS.max_sprinkle_area, **kwargs) -> np.ndarray:
@@ -575,18 +560,6 @@ class Sam3Segmenter(TiledModel):
             yield Flush(later)
 
 
-def write_slice(out, result, max_hole_area: int = 0, max_sprinkle_area: int = 0) -> None:
-    """Write one ``SliceResult`` into ``out[index]``: its ids are replaced in the region,
-    other labels are kept."""
-    window = (result.index,) + tuple(result.region)
-    region = np.array(out[window])
-    region[np.isin(region, result.ids)] = 0
-    whole = (slice(0, region.shape[0]), slice(0, region.shape[1]))
-    paste_objects(region, [(whole, lg) for lg in result.logits], result.ids,
-                  max_hole_area, max_sprinkle_area, overwrite=False)
-    out[window] = region
-
-
 def _own_copies(logits: np.ndarray, valid, crop: bool) -> list:
     """``(region, logits)`` per object of an (N, H, W) batch, cut to the ``valid`` (h, w)
     part and with ``crop`` to the mask's box; copies, so the batch can be freed."""
@@ -596,28 +569,6 @@ def _own_copies(logits: np.ndarray, valid, crop: bool) -> list:
         region = mask_box(lg > 0) if crop else (slice(0, h), slice(0, w))
         out.append((region, np.array(lg[region], dtype=np.float32)))
     return out
-
-
-def _to_tile_frame(prompt: ObjectPrompt, tile: Tile, padded_shape, mask: bool = True
-                   ) -> ObjectPrompt:
-    """``prompt`` in the frame of ``tile`` (padded to ``padded_shape``); ``mask=False``
-    leaves out a mask prompt's crop (for checking points and boxes only)."""
-    local = prompt.shifted(tile.r0, tile.c0)
-    if prompt.mask is not None and not mask:
-        local.mask = None
-    elif prompt.mask is not None:
-        crop = np.zeros(padded_shape, dtype=bool)
-        h, w = tile.shape
-        crop[:h, :w] = prompt.mask[tile.slices]
-        local.mask = crop
-    if local.box is not None:  # a box sticking out of the tile is clipped to it
-        h, w = tile.shape
-        local.box = np.clip(local.box, 0, [h - 1, w - 1, h - 1, w - 1])
-    if len(local.points):
-        keep = ((local.points >= 0) & (local.points < tile.shape)).all(axis=1)
-        if keep.any():
-            local.points, local.point_labels = local.points[keep], local.point_labels[keep]
-    return local
 
 
 def _checked_objects(prompts, shape, ids, out, max_hole_area, max_sprinkle_area):

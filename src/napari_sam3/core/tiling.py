@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_TILE = 1008  # SAM3's input size: no resampling inside a tile
-DEFAULT_OVERLAP = DEFAULT_TILE // 4  # 252: cells up to ~250 px across are never cut
+from .cache import content_key
+from .defaults import DEFAULT_OVERLAP, DEFAULT_TILE
+from .feature_cache import FeatureCache
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,8 @@ def pad_to(rgb: np.ndarray, shape) -> np.ndarray:
 
 class TiledModel:
     """What every SAM3 wrapper shares: the model and processor, device, identity for the
-    cache, an in-memory LRU and the tiling settings (default: the model's input size and
-    a quarter of it as overlap)."""
+    cache, its feature cache (memory LRU, then the Zarr store) and the tiling settings
+    (default: the model's input size and a quarter of it as overlap)."""
 
     def __init__(self, model, processor, device: str, *, model_id: str, fingerprint,
                  store, memory, tile_size: int | None, overlap: int | None):
@@ -145,8 +146,7 @@ class TiledModel:
         self.device = device
         self.model_id = model_id
         self.fingerprint = fingerprint or {"id": model_id}
-        self.store = store
-        self.memory = memory
+        self.feature_cache = FeatureCache(memory, store)
         self.tile_size = int(tile_size or self.input_size)
         self.overlap = int(self.tile_size // 4 if overlap is None else overlap)
         TileGrid((1, 1), self.tile_size, self.overlap)  # validates the settings
@@ -160,6 +160,22 @@ class TiledModel:
     @property
     def dtype(self):
         return self.model.dtype
+
+    @property
+    def store(self):
+        """The Zarr embedding store (None: memory only)."""
+        return self.feature_cache.store
+
+    @property
+    def memory(self):
+        """The in-memory LRU of recent features."""
+        return self.feature_cache.memory
+
+    def feature_key(self, rgb: np.ndarray, *kind) -> str:
+        """The cache key of the features of ``rgb``: its pixels, this model, its input size
+        and dtype, the storage dtype, and ``kind`` (which features, if not the tracker's)."""
+        return content_key(rgb, self.fingerprint, self.input_size, str(self.dtype),
+                           self.feature_cache.storage, *kind)
 
     def tiles(self, image) -> TileGrid:
         """The tile grid used for ``image`` (one tile when it fits in ``tile_size``)."""

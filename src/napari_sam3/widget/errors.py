@@ -1,25 +1,25 @@
-"""Error types of the widget and where they stop: worker generators, Qt slots, status line."""
+"""Error types of the widget and where they stop: worker generators, Qt slots, the status line."""
 
 from __future__ import annotations
 
 import functools
 import logging
 
-from . import _layers
-from .core.prompts import PromptError
+from . import layer_data
+from ..core.prompts import PromptError
 
-log = logging.getLogger("napari_sam3._widget")  # one logger for every module of the widget
+log = logging.getLogger("napari_sam3.widget")  # one logger for every module of the widget
 
 
-class _UserError(Exception):
+class UserError(Exception):
     """A problem to report in one line (no model, no image, no prompt...)."""
 
 
-class _Cancelled(Exception):
+class Cancelled(Exception):
     """Raised in a worker from a progress callback once Cancel was pressed."""
 
 
-class _WorkerError(Exception):
+class WorkerError(Exception):
     """Carries a RuntimeError out of a generator worker: superqt's GeneratorWorker turns a
     RuntimeError into "aborted thread" and emits neither ``errored`` nor ``finished``
     (ModelLoadError and many torch errors are RuntimeErrors)."""
@@ -29,31 +29,31 @@ class _WorkerError(Exception):
         self.original = original
 
 
-def _shielded(fn):
-    """``fn`` (a generator function) with RuntimeErrors re-raised as ``_WorkerError``."""
+def shielded(fn):
+    """``fn`` (a generator function) with RuntimeErrors re-raised as ``WorkerError``."""
 
     @functools.wraps(fn)
     def gen(*args, **kwargs):
         try:
             return (yield from fn(*args, **kwargs))
         except RuntimeError as exc:
-            raise _WorkerError(exc) from exc
+            raise WorkerError(exc) from exc
 
     return gen
 
 
-def _user_message(exc: BaseException) -> str:
+def user_message(exc: BaseException) -> str:
     """One line for the user: our own errors carry it, others get their type."""
-    from .core.model import ModelLoadError
+    from ..core.model import ModelLoadError
 
-    exc = getattr(exc, "original", exc)  # _WorkerError
+    exc = getattr(exc, "original", exc)  # WorkerError
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, _UserError | PromptError | _layers.LayerError | ModelLoadError):
+    if isinstance(exc, UserError | PromptError | layer_data.LayerError | ModelLoadError):
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _qt_deleted(obj) -> bool:
+def qt_deleted(obj) -> bool:
     """True once the C++ side of a Qt object is gone (PyQt: sip, PySide: shiboken)."""
     try:
         from qtpy import sip
@@ -68,24 +68,26 @@ def _qt_deleted(obj) -> bool:
             return False
 
 
-def _guarded(method):
-    """Qt slots and napari callbacks: report any exception instead of raising into Qt.
+def guarded(method):
+    """Qt slots and napari callbacks of a widget part (anything with a ``session``): report
+    any exception in one line instead of raising into Qt.
 
-    A callback that arrives after the widget was deleted detaches the widget from
-    napari's events and does nothing.
+    A callback that arrives after the dock widget was closed or deleted closes the
+    session (every part disconnects from napari) and does nothing.
     """
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        if getattr(self, "_closed", False) or _qt_deleted(self):
-            self._detach()
+        session = self.session
+        if session.closed or qt_deleted(self):
+            session.close()
             return None
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the boundary to Qt
             log.exception("SAM3 widget: %s failed", method.__name__)
             try:
-                self._report(f"SAM3: {_user_message(exc)}")
+                session.report(f"SAM3: {user_message(exc)}")
             except Exception:  # noqa: BLE001 - widget already deleted
                 pass
             return None

@@ -1,20 +1,14 @@
-"""What worker threads run: job inputs captured on the GUI thread, job functions (no Qt)."""
+"""What worker threads run: the click request captured on the GUI thread, and the job
+generators (no Qt, no napari; each yield is a point where Cancel can stop them)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-_TASK_NAMES = {
-    "precompute": "precompute",
-    "propagation": "propagation",
-    "concept": "concept search",
-    "everything": "segment-everything run",
-}
+from dataclasses import dataclass
 
 
 # -- what jobs get (captured on the GUI thread) -----------------------------------------------
 @dataclass
-class _Request:
+class ClickRequest:
     """Everything a segmentation job needs."""
 
     image: object  # the plane to segment (lazy)
@@ -29,39 +23,11 @@ class _Request:
     ignored: int
 
 
-@dataclass
-class _Task:
-    """A long job (precompute, propagation, concept or everything) with progress and Cancel."""
-
-    kind: str  # a key of _TASK_NAMES
-    worker: object = None
-    total: int = 0
-    done: int = 0
-    encoded: int = 0
-    cancelled: bool = False
-    failed: bool = False
-    # propagation
-    obj_id: int = 0
-    labels: object = None
-    view: object = None  # _layers.AxisView of the labels' data
-    written: set = field(default_factory=set)
-    max_hole_area: int = 0
-    max_sprinkle_area: int = 0
-    # concept / everything
-    source: str = ""  # what was asked, for messages and the features table
-    n_lead: int = 0
-    spatial_shape: tuple = ()
-    results: list | None = None  # [(slice, ConceptResult or EverythingResult)]
-    holder: dict = field(default_factory=dict)  # the concept model, once loaded
-    concept_key: tuple = ()  # (segmenter, concept model) the holder's model is for
-    step: str = ""
-
-
 # -- worker functions (run in threads; no Qt, no napari) --------------------------------------
-def _load_segmenter(
+def load_segmenter(
     model: str, device: str, cache=None, tile_size=None, overlap=None, on_cache_warning=None
 ):
-    from .core.segmenter import Sam3Segmenter
+    from ..core.segmenter import Sam3Segmenter
 
     return Sam3Segmenter.from_pretrained(
         model,
@@ -73,7 +39,7 @@ def _load_segmenter(
     )
 
 
-def _locked(gen, lock):
+def locked(gen, lock):
     """Run ``gen`` one step at a time under ``lock``, never holding it across a yield."""
     try:
         while True:
@@ -87,9 +53,9 @@ def _locked(gen, lock):
         gen.close()
 
 
-def _segment_job(segmenter, lock, req: _Request):
+def segment_job(segmenter, lock, req: ClickRequest):
     """Generator run in a worker thread; each yield is a point where Cancel can stop it."""
-    from .core.postprocess import masks_to_labels
+    from ..core.postprocess import masks_to_labels
 
     yield "cache"
     with lock:
@@ -109,25 +75,25 @@ def _segment_job(segmenter, lock, req: _Request):
     return obj, labels
 
 
-def _precompute_job(segmenter, lock, jobs):
+def precompute_job(segmenter, lock, jobs):
     """Encode the tiles of each ``(plane, limits, region)``; yields (done, total, encoded)."""
     with lock:
         total = sum(len(segmenter.tiles(img).tiles_in(region)) for img, _, region in jobs)
     done = encoded = 0
     yield done, total, encoded
     for img, limits, region in jobs:
-        for _, _, new in _locked(segmenter.precompute(img, limits, region), lock):
+        for _, _, new in locked(segmenter.precompute(img, limits, region), lock):
             done += 1
             encoded += bool(new)
             yield done, total, encoded
 
 
-def _propagate_job(segmenter, lock, stack, prompts, kwargs):
+def propagate_job(segmenter, lock, stack, prompts, kwargs):
     """Yields each ``SliceResult`` of ``Sam3Segmenter.iter_propagate`` as it is computed."""
-    yield from _locked(segmenter.iter_propagate(stack, prompts, **kwargs), lock)
+    yield from locked(segmenter.iter_propagate(stack, prompts, **kwargs), lock)
 
 
-def _slice_progress(progress, i: int, n: int):
+def slice_progress(progress, i: int, n: int):
     """``progress(done, total)`` of slice ``i`` of ``n`` as progress over all slices."""
 
     def report(done, total):
@@ -136,11 +102,11 @@ def _slice_progress(progress, i: int, n: int):
     return report
 
 
-def _concept_job(segmenter, lock, holder, model, planes, text, options, progress):
+def concept_job(segmenter, lock, holder, model, planes, text, options, progress):
     """Find the concept on each ``(slice, plane, boxes, labels)``; loads the detector first
     if ``holder`` has none. Yields ("loading", model) and ("slice", i, n, slice) steps;
     returns ``[(slice, ConceptResult)]``."""
-    from .core.concept import ConceptSegmenter
+    from ..core.concept import ConceptSegmenter
 
     concept = holder.get("concept")
     if concept is None:
@@ -158,16 +124,16 @@ def _concept_job(segmenter, lock, holder, model, planes, text, options, progress
                 text,
                 boxes,
                 exemplar_labels=labels,
-                progress=_slice_progress(progress, i, n),
+                progress=slice_progress(progress, i, n),
                 **options,
             )
         results.append((lead, res))
     return results
 
 
-def _everything_job(segmenter, lock, planes, settings, limits, progress):
+def everything_job(segmenter, lock, planes, settings, limits, progress):
     """Segment everything on each ``(slice, plane)``; returns ``[(slice, EverythingResult)]``."""
-    from .core.everything import generate_everything
+    from ..core.everything import generate_everything
 
     results = []
     n = len(planes)
@@ -179,7 +145,7 @@ def _everything_job(segmenter, lock, planes, settings, limits, progress):
                 image,
                 settings=settings,
                 limits=limits,
-                progress=_slice_progress(progress, i, n),
+                progress=slice_progress(progress, i, n),
             )
         results.append((lead, res))
     return results

@@ -80,7 +80,7 @@ class RecordedWrites:
     """An array-like over ``target`` whose assignments are recorded in ``step``.
 
     ``target`` is the labels data or a view of it with ``full_key(key)`` mapping its
-    keys to keys of the layer's data (``_layers.AxisView``).
+    keys to keys of the layer's data (``core.planes.AxisView``).
     """
 
     def __init__(self, target, step: UndoStep):

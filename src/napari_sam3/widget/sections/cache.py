@@ -1,0 +1,149 @@
+"""Cache section: where embeddings are kept, the tiling of large images, precompute."""
+
+from __future__ import annotations
+
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
+
+from ...core import planes
+from ...core.defaults import DEFAULT_OVERLAP, DEFAULT_TILE
+from ...core.prompts import PromptError
+from .. import layer_data
+from ..errors import UserError, guarded
+from ..tasks import PrecomputeTask
+
+PRECOMPUTE_SCOPES = ("field of view", "whole image", "all slices")
+
+
+class CacheSection(QWidget):
+    """Cache folder, tile size and overlap, *Precompute*."""
+
+    def __init__(self, session, runner, binder, parent=None):
+        from ...core.embedding_store import default_cache_path
+
+        super().__init__(parent)
+        self.session, self.runner, self.binder = session, runner, binder
+        self._showing_model = False
+        form = QFormLayout(self)
+        self.cache_edit = QLineEdit(str(default_cache_path()))
+        self.cache_edit.setPlaceholderText("empty: embeddings in memory only")
+        self.cache_edit.setToolTip(
+            "Zarr folder where image embeddings are kept between sessions (used when the "
+            "model is loaded); empty: memory only"
+        )
+        self.cache_edit.textChanged.connect(self._on_cache_edited)
+        form.addRow("Cache", self.cache_edit)
+        row = QHBoxLayout()
+        self.tile_spin = QSpinBox()
+        self.tile_spin.setRange(16, 65536)
+        self.tile_spin.setValue(DEFAULT_TILE)
+        self.tile_spin.setSuffix(" px")
+        self.tile_spin.setToolTip(
+            "Images larger than this are split into tiles (default: the model's input size, "
+            f"{DEFAULT_TILE} px for SAM3)"
+        )
+        self.overlap_spin = QSpinBox()
+        self.overlap_spin.setRange(0, 65535)
+        self.overlap_spin.setValue(DEFAULT_OVERLAP)
+        self.overlap_spin.setSuffix(" px")
+        self.overlap_spin.setToolTip(
+            "Overlap of neighbouring tiles (default: a quarter of the tile): objects up to "
+            "this size are never cut"
+        )
+        for spin in (self.tile_spin, self.overlap_spin):
+            spin.valueChanged.connect(self._on_tiling_edited)
+        row.addWidget(self.tile_spin)
+        row.addWidget(QLabel("overlap"))
+        row.addWidget(self.overlap_spin)
+        form.addRow("Tiles", row)
+        row = QHBoxLayout()
+        self.precompute_combo = QComboBox()
+        self.precompute_combo.addItems(PRECOMPUTE_SCOPES)
+        self.precompute_combo.setToolTip(
+            "field of view: the tiles visible now; whole image: every tile of the current "
+            "slice; all slices: every slice along the propagation axis"
+        )
+        self.precompute_button = QPushButton("Precompute")
+        self.precompute_button.setToolTip("Encode tiles ahead of clicks (Cancel stops)")
+        self.precompute_button.clicked.connect(self._on_precompute_clicked)
+        row.addWidget(self.precompute_combo)
+        row.addWidget(self.precompute_button)
+        form.addRow(row)
+        self._on_cache_edited(self.cache_edit.text())
+        session.model_changed.connect(self._on_model_changed)
+        runner.task_started.connect(lambda *_: self.precompute_button.setEnabled(False))
+        runner.task_finished.connect(lambda *_: self.precompute_button.setEnabled(True))
+
+    @guarded
+    def _on_cache_edited(self, text: str) -> None:
+        self.session.cache_path = text.strip() or None
+
+    @guarded
+    def _on_tiling_edited(self, *_) -> None:
+        if self._showing_model:
+            return
+        self.session.tiling = (int(self.tile_spin.value()), int(self.overlap_spin.value()))
+        if self.session.segmenter is not None:
+            self.session.status(
+                f"Tiles of {self.tile_spin.value()} px overlapping by "
+                f"{self.overlap_spin.value()} px from the next job on"
+            )
+
+    @guarded
+    def _on_model_changed(self, segmenter) -> None:
+        """Show the loaded model's tiling (unless the user chose other values)."""
+        if self.session.tiling is not None:
+            return
+        self._showing_model = True
+        try:
+            self.tile_spin.setValue(int(segmenter.tile_size))
+            self.overlap_spin.setValue(int(segmenter.overlap))
+        finally:
+            self._showing_model = False
+
+    def precompute(self, scope: str | None = None) -> bool:
+        """Encode tiles ahead of clicks in a worker, with progress and Cancel.
+
+        ``scope`` (default: the combo's choice): "field of view" (the tiles of the
+        current plane visible on the canvas), "whole image" (every tile of the current
+        plane) or "all slices" (every plane along the propagation axis). Tiles already
+        cached are not encoded again; a cancelled run keeps the tiles it finished.
+        """
+        scope = scope or self.precompute_combo.currentText()
+        if scope not in PRECOMPUTE_SCOPES:
+            raise ValueError(f"scope must be one of {PRECOMPUTE_SCOPES}")
+        session, binder = self.session, self.binder
+        try:
+            self.runner.check_idle()
+            if session.segmenter is None:
+                raise UserError("no SAM3 model loaded: click 'Load model' first")
+            src = binder.source()
+            session.sync_tiling()
+            lead = binder.current_slice(src)
+            if scope == "field of view":
+                jobs = [(src.plane_at(lead), src.limits, binder.field_of_view(src))]
+            elif scope == "all slices" and src.n_lead:
+                axis, fixed = binder.propagation_axis(src)
+                view = planes.AxisView(src.data, axis, fixed, src.n_lead)
+                jobs = [(src.plane_at(view.lead(k)), src.limits, None)
+                        for k in range(view.shape[0])]
+            else:
+                jobs = [(src.plane_at(lead), src.limits, None)]
+        except (UserError, layer_data.LayerError, PromptError) as exc:
+            session.report(f"SAM3: {exc}")
+            return False
+        session.status(f"Precomputing ({scope})...")
+        self.runner.start(PrecomputeTask(session, jobs))
+        return True
+
+    @guarded
+    def _on_precompute_clicked(self, *_) -> None:
+        self.precompute()

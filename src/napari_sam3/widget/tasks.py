@@ -1,0 +1,233 @@
+"""The long tasks, one class per kind: precompute, propagation, concept search, everything.
+
+A task is built on the GUI thread with everything its worker needs, run by the
+:class:`~napari_sam3.widget.runner.JobRunner`, and handles its own steps, errors and
+end (on the GUI thread). The base class holds what every task has: progress and Cancel.
+"""
+
+from __future__ import annotations
+
+from . import jobs, layer_data, results
+from .errors import UserError, user_message
+
+
+class LongTask:
+    """A job with progress and Cancel; subclasses say what runs and what its steps do."""
+
+    title = "task"  # "a {title} is running", "{title} cancelled"
+
+    def __init__(self, session):
+        self.session = session
+        self.worker = None
+        self.total = 0
+        self.done = 0
+        self.cancelled = False
+        self.failed = False
+
+    def job(self, progress) -> tuple:
+        """``(generator function, *args)`` to run in the worker; ``progress`` is the
+        core's ``progress(done, total)`` callback (it raises once Cancel is pressed)."""
+        raise NotImplementedError
+
+    def on_yield(self, value) -> None:
+        """A step of the worker, on the GUI thread."""
+
+    def on_returned(self, value) -> None:
+        """The worker's return value, on the GUI thread (not after Cancel)."""
+
+    def failure(self, exc) -> str:
+        return f"{self.title} failed: {user_message(exc)}"
+
+    def on_finished(self) -> None:
+        """The worker ended (done, cancelled or failed)."""
+
+
+class PrecomputeTask(LongTask):
+    """Encode the tiles of ``(plane, limits, region)`` jobs ahead of clicks."""
+
+    title = "precompute"
+
+    def __init__(self, session, planes: list):
+        super().__init__(session)
+        self.planes = planes
+        self.encoded = 0
+
+    def job(self, progress) -> tuple:
+        return jobs.precompute_job, self.session.segmenter, self.session.model_lock, self.planes
+
+    def on_yield(self, value) -> None:
+        self.done, self.total, self.encoded = value
+        self.session.status(
+            f"Precomputing: {self.done}/{self.total} tiles "
+            f"({self.encoded} encoded, {self.done - self.encoded} already cached)"
+        )
+
+    def on_finished(self) -> None:
+        if self.failed:
+            return
+        if self.cancelled:
+            self.session.status(
+                f"Precompute cancelled: {self.done} of {self.total} tiles done (they stay cached)"
+            )
+        else:
+            self.session.status(
+                f"Precomputed {self.total} tiles ({self.encoded} encoded, "
+                f"{self.total - self.encoded} were cached)"
+            )
+
+
+class PropagationTask(LongTask):
+    """Track one object through the stack, writing each slice into the labels as it comes."""
+
+    title = "propagation"
+
+    def __init__(self, session, binder, *, obj_id, labels, view, stack, prompts, kwargs,
+                 post, source_note=""):
+        super().__init__(session)
+        self.binder = binder
+        self.obj_id, self.labels, self.view = obj_id, labels, view
+        self.stack, self.prompts, self.kwargs, self.post = stack, prompts, kwargs, post
+        self.total = kwargs["stop"] - kwargs["start"]
+        self.written: set[int] = set()
+        self.source_note = source_note
+
+    def job(self, progress) -> tuple:
+        s = self.session
+        return jobs.propagate_job, s.segmenter, s.model_lock, self.stack, self.prompts, self.kwargs
+
+    def on_yield(self, result) -> None:
+        """One propagated slice into the labels layer, whole."""
+        from ..core.propagation import write_slice
+
+        if not self.binder.alive(self.labels):
+            self.cancelled = True
+            self.worker.quit()
+            self.session.report(
+                "SAM3: the labels layer was removed: propagation stopped", "warning")
+            return
+        write_slice(self.view, result, self.post.max_hole_area, self.post.max_sprinkle_area)
+        self.labels.refresh()
+        self.written.add(int(result.index))
+        self.done = len(self.written)
+        self.session.wrote(self.obj_id)
+        self.session.status(
+            f"Propagating object {self.obj_id}: {self.done}/{self.total} slices "
+            f"(slice {result.index})"
+        )
+
+    def on_finished(self) -> None:
+        if self.failed:
+            return
+        done = sorted(self.written)
+        span = f" ({done[0]} to {done[-1]})" if done else ""
+        undo = "; too large for undo" if self.view.step.too_large else "; Ctrl+Z undoes it"
+        undo = undo if done else ""
+        if self.cancelled:
+            self.session.status(
+                f"Propagation cancelled: {len(done)} slice(s) written{span}, the others "
+                f"unchanged{undo}"
+            )
+        else:
+            self.session.status(
+                f"Propagated object {self.obj_id}{self.source_note}: {len(done)} slice(s) "
+                f"written{span}{undo}"
+            )
+
+
+class InstancesTask(LongTask):
+    """A concept search or segment-everything run over slices; written when it ends."""
+
+    kind = ""  # "concept" or "everything"
+    name = ""  # for messages
+
+    def __init__(self, session, binder, *, labels, source, n_lead, spatial_shape):
+        super().__init__(session)
+        self.binder = binder
+        self.labels, self.source = labels, source
+        self.n_lead, self.spatial_shape = n_lead, tuple(spatial_shape)
+        self.results: list | None = None  # [(slice, ConceptResult or EverythingResult)]
+        self.step = ""
+        self.threshold = lambda: None  # the concept threshold when the run is written
+
+    def on_yield(self, value) -> None:
+        self.step = value[0]
+        if value[0] == "loading":
+            self.session.status(f"Loading the concept model {value[1]} (once)...")
+            return
+        _, i, n, lead = value
+        where = f" on {layer_data.format_slice(lead)} ({i + 1}/{n})" if lead else ""
+        self.session.status(f"{self.doing}{where}...")
+
+    @property
+    def doing(self) -> str:
+        return "Segmenting everything"
+
+    def on_returned(self, value) -> None:
+        self.results = value
+
+    def failure(self, exc) -> str:
+        return f"{self.name} failed: {user_message(exc)}"
+
+    def on_finished(self) -> None:
+        if self.cancelled:
+            self.session.status(f"{self.name} cancelled: the labels are unchanged")
+            return
+        if self.failed or self.results is None:
+            return
+        try:
+            results.start_run(self.session, self.binder, self, self.threshold())
+        except UserError as exc:
+            self.session.report(f"SAM3: {exc}")
+
+
+class ConceptTask(InstancesTask):
+    """Find every instance of a text and/or exemplar concept on each slice."""
+
+    title = "concept search"
+    kind = "concept"
+    name = "Find concept"
+
+    def __init__(self, session, binder, *, model, planes, text, options, holder, key, **kw):
+        super().__init__(session, binder, **kw)
+        self.model, self.planes, self.text, self.options = model, planes, text, options
+        self.holder, self.key = holder, key  # holder: {"concept": the detector, once loaded}
+
+    @property
+    def doing(self) -> str:
+        return f"Finding {self.source}"
+
+    def job(self, progress) -> tuple:
+        s = self.session
+        return (jobs.concept_job, s.segmenter, s.model_lock, self.holder, self.model,
+                self.planes, self.text, self.options, progress)
+
+    def failure(self, exc) -> str:
+        if self.step == "loading":
+            from ..core.model import ModelLoadError
+
+            msg = user_message(exc)
+            return msg if isinstance(exc, ModelLoadError) else f"cannot load the concept model: {msg}"
+        return super().failure(exc)
+
+    def on_finished(self) -> None:
+        concept = self.holder.get("concept")
+        if concept is not None:
+            self.session.set_concept(concept, self.key)
+        super().on_finished()
+
+
+class EverythingTask(InstancesTask):
+    """Segment every object the point grid finds on each slice."""
+
+    title = "segment-everything run"
+    kind = "everything"
+    name = "Segment everything"
+
+    def __init__(self, session, binder, *, planes, settings, limits, **kw):
+        super().__init__(session, binder, **kw)
+        self.planes, self.settings, self.limits = planes, settings, limits
+
+    def job(self, progress) -> tuple:
+        s = self.session
+        return (jobs.everything_job, s.segmenter, s.model_lock, self.planes, self.settings,
+                self.limits, progress)
