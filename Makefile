@@ -3,21 +3,40 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# A second environment with the oldest napari pyproject.toml allows (pinned in
+# constraints-oldest.txt); `make test` runs the GUI tests in it too.
+OLDEST_VENV := .venv-oldest
+OLDEST_PY := $(OLDEST_VENV)/bin/python
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
+OLDEST_PINS := constraints-oldest.txt
+# The GUI tests: every test that starts napari, opens a viewer or reads the plugin manifest.
+GUI_TESTS := tests/test_widget.py tests/test_widget_sections.py tests/test_widget_stacks.py \
+  tests/test_widget_concept.py tests/test_widget_history_save.py tests/test_cold_start.py \
+  tests/test_manifest.py tests/test_cli.py::test_view_bad_image_is_one_line \
+  tests/test_cli.py::test_view_screenshot
 DEMO_MODEL ?= facebook/sam3
 XVFB := xvfb-run -a -s "-screen 0 1920x1080x24"
 export QT_QPA_PLATFORM ?= xcb
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test lint bench system-deps clean
+.PHONY: demo test test-oldest lint bench system-deps clean
+
+# $(call make-venv,DIR,EXTRA PIP ARGS): a venv with torch, torchvision and the package.
+# transformers' SAM3 image processor needs torchvision; this pair is the one that
+# installs together here (see README, "Installing").
+define make-venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(1)/bin/python -m pip install -q -e ".[test]" $(2)
+	touch $(1)/.installed
+endef
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# transformers' SAM3 image processor needs torchvision; this pair is the one
-	# that installs together here (see README, "Installing").
-	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q -e ".[test]"
-	touch $(STAMP)
+	$(call make-venv,$(VENV))
+
+$(OLDEST_STAMP): pyproject.toml $(OLDEST_PINS)
+	$(call make-venv,$(OLDEST_VENV),-c $(OLDEST_PINS))
 
 # Xvfb and the X/GL libraries Qt needs (Debian); only when missing.
 system-deps:
@@ -43,6 +62,13 @@ test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check src tests benchmarks
 	mkdir -p -m 0700 /tmp/runtime-$$(id -u)
 	XDG_RUNTIME_DIR=/tmp/runtime-$$(id -u) $(XVFB) $(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-oldest
+
+# The GUI tests again, against the oldest napari allowed.
+test-oldest: $(OLDEST_STAMP) system-deps
+	@$(OLDEST_PY) -c "import napari; print('GUI tests with napari', napari.__version__)"
+	mkdir -p -m 0700 /tmp/runtime-$$(id -u)
+	XDG_RUNTIME_DIR=/tmp/runtime-$$(id -u) $(XVFB) $(OLDEST_PY) -m pytest -q $(GUI_TESTS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -53,4 +79,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_import.py
 
 clean:
-	rm -rf $(VENV) .demo-model build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) .demo-model build *.egg-info src/*.egg-info .pytest_cache

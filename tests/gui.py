@@ -66,7 +66,7 @@ def canvas_click(viewer, qtbot, layer, row, col):
     layer.mode = "add"
     n = len(layer.data)
     native = viewer.window._qt_viewer.canvas.native
-    cam = viewer.scene.camera
+    cam = (viewer.camera if getattr(viewer, "scene", None) is None else viewer.scene.camera)
     cy, cx = cam.center[-2:]
     pos = QPoint(
         round((col - cx) * cam.zoom + native.width() / 2),

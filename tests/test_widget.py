@@ -182,7 +182,7 @@ def canvas_point(viewer, row, col):
     from qtpy.QtCore import QPoint
 
     native = viewer.window._qt_viewer.canvas.native
-    cam = viewer.scene.camera
+    cam = (viewer.camera if getattr(viewer, "scene", None) is None else viewer.scene.camera)
     cy, cx = cam.center[-2:]
     x = (col - cx) * cam.zoom + native.width() / 2
     y = (row - cy) * cam.zoom + native.height() / 2

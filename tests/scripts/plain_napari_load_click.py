@@ -34,8 +34,10 @@ def main(model: str, row: float, col: float) -> int:
     QApplication.processEvents()
     menu_action(viewer.window, "Plugins", "SAM3 segmentation").trigger()
     QApplication.processEvents()
-    docks = [w for name, w in viewer.window.dock_widgets.items() if "SAM3" in name]
-    assert len(docks) == 1, list(viewer.window.dock_widgets)
+    dock_widgets = getattr(viewer.window, "dock_widgets", None) or {
+        name: d.widget() for name, d in viewer.window._dock_widgets.items()}
+    docks = [w for name, w in dock_widgets.items() if "SAM3" in name]
+    assert len(docks) == 1, list(dock_widgets)
     widget = docks[0]
     widget.model_section.model_edit.setText(model)
     from napari_sam3._cli.view import _load_and_click

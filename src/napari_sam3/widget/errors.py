@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 
-from . import layer_data
 from ..core.prompts import PromptError
+from . import layer_data
 
 log = logging.getLogger("napari_sam3.widget")  # one logger for every module of the widget
 

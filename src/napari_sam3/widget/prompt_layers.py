@@ -116,8 +116,8 @@ def remove_object_items(layer, obj_id: int, src: ImageSource | None, lead: tuple
         return 0
     layer.events.data.disconnect(handler)
     try:
-        layer.selected_data = set()
-        layer.remove(idx.tolist())
+        layer.selected_data = set(idx.tolist())
+        layer.remove_selected()
     finally:
         layer.events.data.connect(handler)
     return len(idx)

@@ -62,19 +62,19 @@ def start_run(session, binder, task, threshold: float | None = None) -> None:
     if tuple(data.shape) != tuple(task.spatial_shape):
         raise UserError(f"labels layer '{labels.name}' changed shape: nothing written")
     plane = tuple(int(v) for v in task.spatial_shape[-2:])
-    planes = []
+    run_planes = []
     for lead, res in task.results:
         region = planes.union_region([x.bbox for x in res.items], plane)
         base = None
         if region is not None:
             base = np.array(data[tuple(lead) + planes.region_slices(region)])
-        planes.append(RunPlane(tuple(lead), res, region, base))
+        run_planes.append(RunPlane(tuple(lead), res, region, base))
     start_id = layer_data.next_object_id(binder.max_label(labels), binder.prompt_ids())
     run = InstanceRun(
         kind=task.kind,
         source=task.source,
         labels=labels,
-        planes=planes,
+        planes=run_planes,
         start_id=start_id,
         base_features=_base_features(labels),
         n_lead=task.n_lead,
