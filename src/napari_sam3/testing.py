@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .core.torch_import import prepare_torch_import
+
 TINY_IMAGE_SIZE = 112
 
 
 def tiny_vision_config(fpn_hidden_size: int, image_size: int = TINY_IMAGE_SIZE):
     """The tiny SAM3 vision tower shared by all test models: ViT hidden 64, 2 layers,
     2 heads, patch 14, window 4, global attention on layer 1."""
+    prepare_torch_import()  # before torch: see core.torch_import
     from transformers import Sam3VisionConfig, Sam3ViTConfig
 
     grid = image_size // 14  # 8 for 112
@@ -26,6 +29,7 @@ def tiny_vision_config(fpn_hidden_size: int, image_size: int = TINY_IMAGE_SIZE):
 
 
 def tiny_tracker_config(image_size: int = TINY_IMAGE_SIZE):
+    prepare_torch_import()  # before torch: see core.torch_import
     from transformers import (
         Sam3TrackerConfig,
         Sam3TrackerMaskDecoderConfig,
@@ -46,6 +50,7 @@ def tiny_tracker_config(image_size: int = TINY_IMAGE_SIZE):
 def tiny_video_config(image_size: int = TINY_IMAGE_SIZE):
     """A tiny Sam3TrackerVideo config. Its memory channels are fixed at 64 in
     transformers 5.2x, so hidden sizes are multiples of 64 above 64 (128)."""
+    prepare_torch_import()  # before torch: see core.torch_import
     from transformers import (
         Sam3TrackerVideoConfig,
         Sam3TrackerVideoMaskDecoderConfig,
@@ -77,6 +82,7 @@ def save_random_video_tracker(folder, config=None, seed: int = 0) -> Path:
     Clicks load ``Sam3TrackerModel`` from the same folder; ``no_memory_embedding`` is
     random, as in :func:`save_random_tracker`.
     """
+    prepare_torch_import()  # before torch: see core.torch_import
     import torch
     from transformers import (
         Sam2VideoVideoProcessor,
@@ -105,6 +111,7 @@ def save_random_video_tracker(folder, config=None, seed: int = 0) -> Path:
 
 def full_tracker_config():
     """The full-size SAM3 tracker architecture (random weights; for benchmarks)."""
+    prepare_torch_import()  # before torch: see core.torch_import
     from transformers import Sam3TrackerConfig
 
     return Sam3TrackerConfig()
@@ -116,6 +123,7 @@ def save_random_tracker(folder, config=None, seed: int = 0) -> Path:
     ``no_memory_embedding`` is set to random values: a fresh model has zeros,
     which would hide whether it is added to the right feature level.
     """
+    prepare_torch_import()  # before torch: see core.torch_import
     import torch
     from transformers import Sam3ImageProcessor, Sam3TrackerModel, Sam3TrackerProcessor
 

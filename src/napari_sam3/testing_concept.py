@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .core.torch_import import prepare_torch_import
 from .testing import TINY_IMAGE_SIZE, tiny_vision_config
 
 TINY_QUERIES = 8
@@ -20,6 +21,7 @@ _HIDDEN = 32  # FPN, geometry encoder, DETR encoder/decoder and mask decoder wid
 def tiny_concept_config(image_size: int = TINY_IMAGE_SIZE, num_queries: int = TINY_QUERIES,
                         vocab_size: int = 600):
     """A ~0.3M-parameter ``Sam3Config``: ViT hidden 64, 2 layers, image 112, patch 14."""
+    prepare_torch_import()  # before torch: see core.torch_import
     from transformers import (
         CLIPTextConfig,
         Sam3Config,
@@ -87,6 +89,7 @@ def tiny_concept_processor(image_size: int = TINY_IMAGE_SIZE):
 
 def save_random_concept_model(folder, config=None, seed: int = 0) -> Path:
     """Build a random ``Sam3Model`` (+ ``Sam3Processor``) and save both to ``folder``."""
+    prepare_torch_import()  # before torch: see core.torch_import
     import torch
     from transformers import Sam3Model
 
@@ -105,6 +108,7 @@ def save_random_sam3(folder, seed: int = 0) -> Path:
     """A tiny random checkpoint laid out like ``facebook/sam3``: one ``Sam3VideoModel``
     (``detector_model.*``, ``tracker_model.*``, ``tracker_neck.*``) whose detector and
     tracker share one ViT, saved with the concept processor. Returns the folder."""
+    prepare_torch_import()  # before torch: see core.torch_import
     import torch
     from transformers import Sam3VideoConfig, Sam3VideoModel
 

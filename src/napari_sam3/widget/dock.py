@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qtpy.QtCore import QEvent, QTimer
+from qtpy.QtCore import QEvent, QSize, Qt, QTimer
 from qtpy.QtWidgets import QLabel, QProgressBar, QScrollArea, QSizePolicy, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
@@ -39,6 +39,30 @@ SECTIONS = (
     ("instances_section", "Segment everything / concepts", False),
     ("post_section", "Post-processing", False),
 )
+
+
+class VerticalScrollArea(QScrollArea):
+    """Scrolls up and down only: at least as wide as its content, so nothing is cut off
+    on the right of a narrow dock."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+    def minimumSizeHint(self) -> QSize:
+        hint = super().minimumSizeHint()
+        inner = self.widget()
+        if inner is None:
+            return hint
+        width = (inner.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width()
+                 + 2 * self.frameWidth())
+        return QSize(max(hint.width(), width), hint.height())
+
+    def eventFilter(self, obj, ev) -> bool:
+        # the content's minimum width changes when napari's style is applied (on Show)
+        if obj is self.widget() and ev.type() in (QEvent.Type.LayoutRequest, QEvent.Type.Show):
+            self.updateGeometry()
+        return super().eventFilter(obj, ev)
 
 
 class Sam3Widget(QWidget):
@@ -70,6 +94,7 @@ class Sam3Widget(QWidget):
         self._keys = self.object_section.bind_keys(napari_viewer)
         session.on_close(self._unbind_keys)
         self._docked = False
+        self._fit_pending = False
         self._camera = self._camera_state()
         session.status("Load a model, choose an image, then click points or draw a box.")
 
@@ -90,7 +115,7 @@ class Sam3Widget(QWidget):
             self.collapsibles[attr] = box
             column.addWidget(box)
         column.addStretch(1)
-        scroll = QScrollArea()
+        scroll = VerticalScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setWidget(inner)
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
@@ -143,18 +168,22 @@ class Sam3Widget(QWidget):
         return tuple(camera.center), float(camera.zoom)
 
     def event(self, ev) -> bool:
-        """Docked: fit the image to the smaller canvas once (if the user did not move the
-        view). napari's dock X reparents the widget to None: close the session then."""
-        if ev.type() == QEvent.Type.ParentChange and hasattr(self, "_docked"):
+        """Docked: fit the image to the smaller canvas once, after the layout pass that
+        sizes the dock and the canvas (if the user did not move the view). napari's dock
+        X reparents the widget to None: close the session then."""
+        kind = ev.type()
+        if kind == QEvent.Type.ParentChange and hasattr(self, "_docked"):
             if self.parent() is not None:
                 if not self._docked:
-                    self._docked = True
-                    QTimer.singleShot(0, self._fit_view)
+                    self._docked = self._fit_pending = True
             elif self._docked and not self.session.closed:
                 self.session.close()
+        elif kind == QEvent.Type.Resize and getattr(self, "_fit_pending", False):
+            QTimer.singleShot(0, self._fit_view)
         return super().event(ev)
 
     def _fit_view(self) -> None:
+        self._fit_pending = False
         if self.session.closed or not len(self.viewer.layers):
             return
         if self._camera_state() == self._camera:
