@@ -59,6 +59,7 @@ class ClickSegmentation(QObject):
         self.preview: Preview | None = None
         self.mask_prompt: tuple[int, tuple, np.ndarray] | None = None  # (id, slice, mask)
         self._warned_no_model = False
+        self._dirty = False  # a change arrived within the debounce window
         self._clean_up = (session.post.max_hole_area, session.post.max_sprinkle_area)
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -75,7 +76,8 @@ class ClickSegmentation(QObject):
 
     @property
     def busy(self) -> bool:
-        return self._timer.isActive()
+        """A coalesced change is waiting for the end of the debounce window."""
+        return self._dirty and self._timer.isActive()
 
     @property
     def preview_mask(self) -> np.ndarray | None:
@@ -89,11 +91,22 @@ class ClickSegmentation(QObject):
 
     # -- live requests ---------------------------------------------------------------------------
     def schedule(self) -> None:
-        if self.live:
+        """A change of the prompts (Live on): the first change of a burst is segmented at
+        once; later ones within ``DEBOUNCE_MS`` of the last are coalesced into one request
+        when the window ends (the latest state wins)."""
+        if not self.live:
+            return
+        if self._timer.isActive() or self.runner.current_worker is not None:
+            self._dirty = True
             self._timer.start()
+            return
+        self._dirty = False
+        self._timer.start()
+        self._start(quiet=True)
 
     def stop(self) -> None:
         self._timer.stop()
+        self._dirty = False
 
     def set_live(self, live: bool) -> None:
         self.live = bool(live)
@@ -104,7 +117,9 @@ class ClickSegmentation(QObject):
 
     @guarded
     def _on_timeout(self) -> None:
-        self.segment(quiet=True)
+        if self._dirty:
+            self._dirty = False
+            self._start(quiet=True)
 
     @guarded
     def _on_click_again(self, quiet: bool) -> None:
@@ -203,9 +218,12 @@ class ClickSegmentation(QObject):
         running, that job is stopped at its next step and this request runs after it
         (the latest request wins).
         """
+        self.stop()
+        return self._start(quiet)
+
+    def _start(self, quiet: bool) -> bool:
         from napari.utils import notifications
 
-        self._timer.stop()
         if self.runner.current_worker is not None:
             self.runner.defer_click(quiet)
             return True
@@ -285,15 +303,16 @@ class ClickSegmentation(QObject):
     def commit(self) -> bool:
         """Write the preview of the current object into the labels layer (undoable).
 
-        Only the preview's slice and region are read and written (napari's
-        ``data_setitem``, so undo works for NumPy and Zarr labels alike). Other objects
+        Only the preview's slice and region are read and written, as one undo step
+        (napari's ``data_setitem`` for NumPy and Zarr labels, the region history of a
+        pyramid, whose every level is updated over the region). Other objects
         keep their pixels unless "Overwrite other labels" is on. Then the object's
         prompts on that slice are removed, the object becomes the labels layer's
         selected label (so *Propagate* can follow it) and a new object id is chosen.
         """
         session, binder = self.session, self.binder
         obj_id = session.object_id
-        if self.runner.current_worker is not None or self._timer.isActive():
+        if self.runner.current_worker is not None or self.busy:
             session.report(
                 "SAM3: the preview is still being computed; commit when it is shown", "warning"
             )
@@ -308,16 +327,20 @@ class ClickSegmentation(QObject):
         if labels is None:
             session.report("SAM3: no labels layer to commit into: choose one in the widget")
             return False
-        data = unwrap(labels).data
-        if tuple(data.shape) != tuple(st.spatial_shape):
+        try:
+            target = binder.target(labels)
+        except UserError as exc:
+            session.report(f"SAM3: {exc}")
+            return False
+        if target.shape != tuple(st.spatial_shape):
             session.report(
-                f"SAM3: labels layer '{labels.name}' has shape {tuple(data.shape)}, "
+                f"SAM3: labels layer '{labels.name}' has shape {target.shape}, "
                 f"the image is {tuple(st.spatial_shape)}"
             )
             return False
         from ..core.postprocess import paste_object
 
-        crop = np.asarray(data[st.lead + st.region])
+        crop = target.read(st.lead + st.region)
         idx, values = paste_object(crop, st.mask, obj_id, overwrite=session.post.overwrite)
         if len(idx[0]):
             n = len(idx[0])
@@ -325,7 +348,7 @@ class ClickSegmentation(QObject):
                 idx[0] + st.region[0].start,
                 idx[1] + st.region[1].start,
             )
-            labels.data_setitem(full, values)
+            target.set_pixels(full, values)
         session.wrote(obj_id)
         written = int(np.count_nonzero(values == obj_id))
         binder.remove_prompts(obj_id, st.lead)
@@ -360,11 +383,12 @@ class ClickSegmentation(QObject):
         try:
             src = binder.source()
             binder.labels_for(src)
+            target = binder.target(labels)
         except (UserError, layer_data.LayerError) as exc:
             session.report(f"SAM3: {exc}")
             return False
         lead = binder.current_slice(src)
-        mask = np.asarray(unwrap(labels).data[lead]) == obj_id
+        mask = target.read(lead) == obj_id
         if not mask.any():
             session.report(
                 f"SAM3: label {obj_id} has no pixels in '{labels.name}'{_where(lead)} to refine")
