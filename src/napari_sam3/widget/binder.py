@@ -16,9 +16,11 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtCore import QObject, QTimer, Signal
 
+from ..core.pyramid import Pyramid
 from . import image_source, layer_data, prompt_layers, scratch_labels
 from .errors import UserError, guarded
 from .image_source import ImageSource, same, unwrap
+from .labels_target import LabelTargets
 from .scratch_labels import ScratchFolders, new_labels_data
 
 POINTS_NAME = "SAM3 points"
@@ -84,6 +86,7 @@ class LayerBinder(QObject):
         self._non_rect = 0
         self._non_rect_exemplars = 0
         self.scratch = ScratchFolders(viewer.layers, _offer_delete)
+        self.targets = LabelTargets(viewer.layers)
         self._ensure_timer = QTimer(self)
         self._ensure_timer.setSingleShot(True)
         self._ensure_timer.setInterval(0)
@@ -126,11 +129,11 @@ class LayerBinder(QObject):
         return self._ensure_timer.isActive()
 
     def candidates(self, role: str) -> list:
-        """The layers that can play ``role`` (labels: not a preview)."""
+        """The layers that can play ``role`` (labels: not a preview or an edit window)."""
         kind = _kinds()[role]
         out = [ly for ly in self.viewer.layers if isinstance(ly, kind)]
         if role == "labels":
-            out = [ly for ly in out if tag_of(ly).get("role") != "preview"
+            out = [ly for ly in out if tag_of(ly).get("role") not in ("preview", "edit")
                    and not same(ly, self.preview_layer)]
         return out
 
@@ -214,6 +217,7 @@ class LayerBinder(QObject):
     def _detach(self) -> None:
         self._ensure_timer.stop()
         self.scratch.disconnect()
+        self.targets.disconnect()
         for emitter, callback in self._connections:
             emitter.disconnect(callback)
         for layer in self.viewer.layers:
@@ -260,10 +264,21 @@ class LayerBinder(QObject):
         labels = self._managed("labels", image, LABELS_NAME,
                                lambda ly: tuple(ly.data.shape) == shape)
         if labels is None:
-            data, folder = new_labels_data(shape, src.n_lead, scratch_labels.LARGE_PIXELS)
+            raw = unwrap(src.layer)
+            levels = ([tuple(int(s) for s in lv.shape[: src.ndim]) for lv in raw.data]
+                      if raw.multiscale else None)
+            data, folder = new_labels_data(shape, src.n_lead, scratch_labels.LARGE_PIXELS,
+                                           image_levels=levels)
             name = self._new_name(LABELS_NAME, image)
-            labels = viewer.add_labels(data, name=name, opacity=0.6,
+            pyramid = data if isinstance(data, Pyramid) else None
+            if pyramid is not None and len(pyramid.levels) == 1:  # napari needs 2 levels
+                data, pyramid = pyramid.levels[0], None
+            labels = viewer.add_labels(data if pyramid is None else pyramid.levels,
+                                       name=name, opacity=0.6,
+                                       multiscale=pyramid is not None,
                                        **self._tagged("labels", image))
+            if pyramid is not None:
+                self.targets.add(labels, pyramid)
             if folder is not None:
                 self.scratch.add(labels, folder)
                 self.session.report(
@@ -352,10 +367,15 @@ class LayerBinder(QObject):
             )
         return labels
 
+    def target(self, labels):
+        """How the widget reads and writes ``labels`` (see :mod:`.labels_target`)."""
+        return self.targets.of(labels)
+
     def max_label(self, labels) -> int:
         """Largest id in a labels layer; a huge lazy one is not scanned (the widget's own
-        writes count then)."""
-        data = unwrap(labels).data
+        writes count then); a multiscale one is read at full resolution."""
+        raw = unwrap(labels)
+        data = raw.data[0] if raw.multiscale else raw.data
         if not isinstance(data, np.ndarray) and int(np.prod(data.shape)) > scratch_labels.LARGE_PIXELS:
             return self.session.max_written
         arr = np.asarray(data)

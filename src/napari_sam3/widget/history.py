@@ -96,3 +96,111 @@ class RecordedWrites:
         full = self.target.full_key(key) if hasattr(self.target, "full_key") else key
         self.step.record(full, old, value)
         self.target[key] = value
+
+
+# -- region history: undo and redo of writes napari cannot record (multiscale labels) ------------
+class RegionStep:
+    """One undo step of a :class:`RegionHistory`, filled write by write (``record``).
+
+    Each write keeps the old values of the bounding box of the pixels it changed; undo
+    and redo swap them back in. Like :class:`UndoStep`, a step grows only while it is
+    the history's newest; past ``max_pixels`` kept pixels it is dropped and
+    ``too_large`` is set (the writes stand, without undo).
+    """
+
+    def __init__(self, history: RegionHistory, max_pixels: int):
+        self.history, self.max_pixels = history, int(max_pixels)
+        self.pixels = 0
+        self.too_large = False
+        self._items: list[list] = []
+
+    def record(self, key: tuple, old: np.ndarray, new: np.ndarray) -> None:
+        """Note that ``data[key]`` (full key: ints and slices with starts) changes from
+        ``old`` to ``new``."""
+        if self.too_large:
+            return
+        key = self.history.pyramid.full_key(key)
+        old = np.asarray(old)
+        changed = old != np.broadcast_to(np.asarray(new), old.shape)
+        if not changed.any():
+            return
+        box, sub = [], []  # the changed pixels' bounding box, in the key and in ``old``
+        axes = [i for i, k in enumerate(key) if isinstance(k, slice)]
+        for a, i in enumerate(axes):
+            hit = np.flatnonzero(changed.any(axis=tuple(b for b in range(changed.ndim) if b != a)))
+            lo, hi = int(hit[0]), int(hit[-1]) + 1
+            sub.append(slice(lo, hi))
+            box.append((i, slice(key[i].start + lo, key[i].start + hi)))
+        part = old[tuple(sub)].copy()
+        self.pixels += part.size
+        if self.pixels > self.max_pixels:
+            self.too_large = True
+            for item in self._items:
+                self.history.drop(item)
+            self._items = []
+            return
+        full = list(key)
+        for i, s in box:
+            full[i] = s
+        atom = [tuple(full), part]
+        if not self._items or not self.history.is_newest(self._items[-1]):
+            self._items.append([])
+            self.history.push(self._items[-1])
+        self._items[-1].append(atom)
+
+    def write(self, key, values) -> None:
+        """Write ``values`` over ``key`` of the history's pyramid, recorded in this step."""
+        target = self.history.pyramid
+        key = target.full_key(key)
+        self.record(key, target.read(key), values)
+        target.write(key, values)
+
+
+class RegionHistory:
+    """Undo and redo of a :class:`~napari_sam3.core.pyramid.Pyramid`'s writes, step by
+    step (the newest ``max_steps`` steps are kept); ``refresh()`` runs after each."""
+
+    def __init__(self, pyramid, refresh=lambda: None, max_steps: int = 100):
+        self.pyramid, self.refresh, self.max_steps = pyramid, refresh, int(max_steps)
+        self.undo_items: list[list] = []
+        self.redo_items: list[list] = []
+
+    def step(self, max_pixels: int = 1 << 24) -> RegionStep:
+        return RegionStep(self, max_pixels)
+
+    def is_newest(self, item) -> bool:
+        return bool(self.undo_items) and self.undo_items[-1] is item
+
+    def push(self, item: list) -> None:
+        self.undo_items.append(item)
+        del self.undo_items[: -self.max_steps]
+        self.redo_items.clear()
+
+    def drop(self, item) -> None:
+        self.undo_items = [it for it in self.undo_items if it is not item]
+
+    def _swap(self, item: list, order) -> None:
+        for atom in order(item):
+            key, kept = atom
+            atom[1] = self.pyramid.read(key)
+            self.pyramid.write(key, kept)
+
+    def undo(self) -> bool:
+        """Revert the newest step; False when there is none."""
+        if not self.undo_items:
+            return False
+        item = self.undo_items.pop()
+        self._swap(item, reversed)
+        self.redo_items.append(item)
+        self.refresh()
+        return True
+
+    def redo(self) -> bool:
+        """Write the last undone step again; False when there is none."""
+        if not self.redo_items:
+            return False
+        item = self.redo_items.pop()
+        self._swap(item, iter)
+        self.undo_items.append(item)
+        self.refresh()
+        return True

@@ -14,6 +14,7 @@ from ..core import planes
 from . import layer_data
 from .errors import UserError
 from .image_source import unwrap
+from .labels_target import REGION_UNDO_PIXELS
 
 # Up to this many changed pixels a concept/everything write goes through napari's
 # data_setitem (one undo step); a larger write is made window by window, without undo.
@@ -58,8 +59,8 @@ def start_run(session, binder, task, threshold: float | None = None) -> None:
     labels = task.labels
     if not binder.alive(labels):
         raise UserError("the labels layer was removed: nothing written")
-    data = unwrap(labels).data
-    if tuple(data.shape) != tuple(task.spatial_shape):
+    target = binder.target(labels)
+    if target.shape != tuple(task.spatial_shape):
         raise UserError(f"labels layer '{labels.name}' changed shape: nothing written")
     plane = tuple(int(v) for v in task.spatial_shape[-2:])
     run_planes = []
@@ -67,7 +68,7 @@ def start_run(session, binder, task, threshold: float | None = None) -> None:
         region = planes.union_region([x.bbox for x in res.items], plane)
         base = None
         if region is not None:
-            base = np.array(data[tuple(lead) + planes.region_slices(region)])
+            base = np.array(target.read(tuple(lead) + planes.region_slices(region)))
         run_planes.append(RunPlane(tuple(lead), res, region, base))
     start_id = layer_data.next_object_id(binder.max_label(labels), binder.prompt_ids())
     run = InstanceRun(
@@ -91,8 +92,8 @@ def _currents(session, binder, run: InstanceRun) -> list | None:
     if not binder.alive(run.labels):
         session.last_run = None
         raise UserError("the labels layer of the last result was removed")
-    data = unwrap(run.labels).data
-    if tuple(data.shape) != run.spatial_shape:
+    target = binder.target(run.labels)
+    if target.shape != run.spatial_shape:
         session.last_run = None
         raise UserError(f"labels layer '{run.labels.name}' changed shape")
     currents = []
@@ -102,7 +103,7 @@ def _currents(session, binder, run: InstanceRun) -> list | None:
         elif p.written is None:
             currents.append(p.base)
         else:
-            cur = np.asarray(data[p.lead + planes.region_slices(p.region)])
+            cur = target.read(p.lead + planes.region_slices(p.region))
             if planes.digest(cur) != p.written:
                 session.last_run = None
                 session.report(
@@ -115,10 +116,13 @@ def _currents(session, binder, run: InstanceRun) -> list | None:
     return currents
 
 
-def _write_planes(run: InstanceRun, currents: list, outs: list) -> bool:
+def _write_planes(run: InstanceRun, target, currents: list, outs: list) -> bool:
     """Write what changed between ``currents`` and ``outs``: one ``data_setitem`` (one
-    undo step) up to ``UNDO_PIXELS`` changed pixels, else region by region (no undo).
-    Returns whether it is undoable."""
+    undo step) up to ``UNDO_PIXELS`` changed pixels, else region by region (no undo);
+    a pyramid's regions are one step of its history unless they keep more than
+    ``REGION_UNDO_PIXELS``. Returns whether it is undoable."""
+    if target.pyramid is not None:
+        return _write_pyramid_planes(run, target, currents, outs)
     labels = run.labels
     data = unwrap(labels).data
     dtype = np.dtype(data.dtype)
@@ -154,6 +158,20 @@ def _write_planes(run: InstanceRun, currents: list, outs: list) -> bool:
     return undoable
 
 
+def _write_pyramid_planes(run: InstanceRun, target, currents: list, outs: list) -> bool:
+    step = target.step(REGION_UNDO_PIXELS)
+    for p, cur, out in zip(run.planes, currents, outs, strict=True):
+        if out is None:
+            continue
+        if not np.array_equal(out, cur):
+            key = p.lead + planes.region_slices(p.region)
+            step.record(key, cur, out)
+            target.data[key] = out
+        p.written = planes.digest(out)
+    target.refresh()
+    return not step.too_large
+
+
 def write_run(session, binder, run: InstanceRun, threshold: float | None) -> bool:
     """(Re)write the run over its kept labels with ``threshold`` (concepts) and the
     current overwrite setting; update the features table. False when nothing could be
@@ -187,7 +205,8 @@ def write_run(session, binder, run: InstanceRun, threshold: float | None) -> boo
         threshold=threshold,
     )
     tables = [_feature_rows(run, p) for p in painted]
-    undoable = _write_planes(run, currents, [outs.get(id(p)) for p in run.planes])
+    undoable = _write_planes(run, binder.target(run.labels), currents,
+                             [outs.get(id(p)) for p in run.planes])
     _set_features(run.labels, run.base_features, tables)
     ids = [int(i) for t in tables for i in t["index"]]
     run.threshold = threshold
@@ -233,7 +252,7 @@ def clear_run(session, binder) -> bool:
     if currents is None:
         return False
     outs = [None if p.region is None else p.base for p in run.planes]
-    _write_planes(run, currents, outs)
+    _write_planes(run, binder.target(run.labels), currents, outs)
     run.labels.features = run.base_features
     session.last_run = None
     session.status(f"Cleared the last result ({run.count} instance(s) removed)")

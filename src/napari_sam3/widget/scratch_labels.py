@@ -12,6 +12,10 @@ marker and ``labels.zarr``; only then is it ever deleted:
 
 "Holds labels" is read from the folder itself: Zarr writes no chunk that is all
 background, so any chunk file means some pixel is labelled.
+
+A plane of more than ``PYRAMID_PIXELS`` pixels, or a multiscale image whose labels go
+to disk, gets a labels pyramid there instead (``labels.zarr`` is then a Zarr group of
+levels, :class:`napari_sam3.core.pyramid.Pyramid`), shown as multiscale labels.
 """
 
 from __future__ import annotations
@@ -26,26 +30,46 @@ from pathlib import Path
 import numpy as np
 
 LARGE_PIXELS = 1 << 24  # above this many voxels the labels live on disk (64 MiB of int32)
+PYRAMID_PIXELS = 1 << 24  # above this many pixels a plane's labels are a pyramid
 PREFIX = "napari-sam3-labels-"
 MARKER = "napari-sam3-scratch.json"
 ARRAY = "labels.zarr"
 _KIND = "napari-sam3 scratch labels"
 
 
-def new_labels_data(shape: tuple, n_lead: int, large_pixels: int = LARGE_PIXELS):
+def wants_pyramid(shape: tuple, n_lead: int, image_levels=None,
+                  large_pixels: int = LARGE_PIXELS, pyramid_pixels: int | None = None) -> bool:
+    """True when new labels of ``shape`` should be a pyramid: a plane of more than
+    ``pyramid_pixels`` pixels, or labels on disk for a multiscale image."""
+    pyramid_pixels = PYRAMID_PIXELS if pyramid_pixels is None else pyramid_pixels
+    plane = int(shape[-2]) * int(shape[-1])
+    voxels = int(np.prod(shape, dtype=np.int64))
+    return plane > pyramid_pixels or (image_levels is not None and voxels > large_pixels)
+
+
+def new_labels_data(shape: tuple, n_lead: int, large_pixels: int = LARGE_PIXELS, *,
+                    image_levels=None, pyramid_pixels: int | None = None):
     """Zeros for a new labels layer: NumPy up to ``large_pixels`` voxels, else a Zarr
-    array (one chunk per 1024 x 1024 tile of a slice) in a new scratch folder.
-    Returns ``(array, folder or None)``."""
-    if int(np.prod(shape, dtype=np.int64)) <= large_pixels:
+    array (one chunk per 1024 x 1024 tile of a slice) in a new scratch folder, or a
+    :class:`~napari_sam3.core.pyramid.Pyramid` there (see :func:`wants_pyramid`;
+    ``image_levels``: the level shapes of a multiscale image, else None).
+    Returns ``(array or Pyramid, folder or None)``; nothing of the plane's size is
+    allocated for an array on disk."""
+    pyramid = wants_pyramid(shape, n_lead, image_levels, large_pixels, pyramid_pixels)
+    if not pyramid and int(np.prod(shape, dtype=np.int64)) <= large_pixels:
         return np.zeros(shape, np.int32), None
     import zarr
 
     folder = Path(tempfile.mkdtemp(prefix=PREFIX))
     (folder / MARKER).write_text(json.dumps({"kind": _KIND, "array": ARRAY}), encoding="utf-8")
+    atexit.register(_at_exit, folder)
+    if pyramid:
+        from ..core.pyramid import Pyramid
+
+        return Pyramid.create(folder / ARRAY, shape, n_lead, image_levels), folder
     chunks = (1,) * n_lead + (min(1024, shape[-2]), min(1024, shape[-1]))
     data = zarr.create_array(folder / ARRAY, shape=shape, chunks=chunks, dtype="int32",
                              fill_value=0)
-    atexit.register(_at_exit, folder)
     return data, folder
 
 
@@ -62,9 +86,11 @@ def is_ours(folder: Path) -> bool:
 
 
 def holds_labels(folder: Path) -> bool:
-    """True if any pixel of the folder's labels is not background."""
-    chunks = Path(folder) / ARRAY / "c"
-    return chunks.is_dir() and any(p.is_file() for p in chunks.rglob("*"))
+    """True if any pixel of the folder's labels (an array or a pyramid) is not
+    background: any file but Zarr's metadata is a chunk."""
+    array = Path(folder) / ARRAY
+    return array.is_dir() and any(p.is_file() and p.name != "zarr.json"
+                                  for p in array.rglob("*"))
 
 
 def remove(folder: Path) -> bool:

@@ -6,6 +6,7 @@ import functools
 
 from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QPushButton, QWidget
 
+from ..edit_window import EditWindow
 from ..errors import guarded
 from ..image_source import same, unwrap
 
@@ -59,6 +60,21 @@ class LayersSection(QWidget):
         )
         self.save_button.clicked.connect(self._on_save_clicked)
         form.addRow(self.save_button)
+        self.edit_window = EditWindow(session, binder)
+        edit_row = QHBoxLayout()
+        self.edit_button = QPushButton("Edit region")
+        self.edit_button.setToolTip(
+            "Open the labels of the part of the slice on screen as an editable layer "
+            "(brush, eraser, fill), for labels napari cannot edit (multiscale)")
+        self.edit_button.clicked.connect(self._on_edit_clicked)
+        self.apply_edits_button = QPushButton("Apply edits")
+        self.apply_edits_button.setToolTip(
+            "Write the edit window's changes into the labels layer (one undo step) and "
+            "close it")
+        self.apply_edits_button.clicked.connect(self._on_apply_edits_clicked)
+        edit_row.addWidget(self.edit_button)
+        edit_row.addWidget(self.apply_edits_button)
+        form.addRow(edit_row)
         binder.layers_changed.connect(self._refill)
         binder.role_changed.connect(self._on_role_changed)
         self._refill()
@@ -138,3 +154,11 @@ class LayersSection(QWidget):
     @guarded
     def _on_save_clicked(self, *_) -> None:
         self.save_labels()
+
+    @guarded
+    def _on_edit_clicked(self, *_) -> None:
+        self.edit_window.open()
+
+    @guarded
+    def _on_apply_edits_clicked(self, *_) -> None:
+        self.edit_window.apply()

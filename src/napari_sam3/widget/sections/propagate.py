@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -16,9 +15,9 @@ from qtpy.QtWidgets import (
 from ...core import planes
 from ...core.defaults import DEFAULT_STOP_AFTER, DIRECTIONS, MAX_ID
 from ...core.prompts import ObjectPrompt, PromptError
-from .. import layer_data, results
+from .. import labels_target, layer_data, results
 from ..errors import UserError, guarded
-from ..history import RecordedWrites, UndoStep
+from ..history import RecordedWrites
 from ..image_source import unwrap
 from ..tasks import PropagationTask
 
@@ -142,7 +141,7 @@ class PropagateSection(QWidget):
         selected = int(getattr(unwrap(labels), "selected_label", 0) or 0)
         lead = binder.current_slice(src)
         if selected > 0:
-            mask = np.asarray(unwrap(labels).data[lead]) == selected
+            mask = binder.target(labels).read(lead) == selected
             if mask.any():
                 prompts = on_stack(selected)
                 prompts[lead[axis]] = {selected: ObjectPrompt(mask=mask)}
@@ -173,6 +172,7 @@ class PropagateSection(QWidget):
             src = binder.source()
             session.sync_tiling()
             labels = binder.labels_for(src)
+            target = binder.target(labels)
             axis, fixed = binder.propagation_axis(src)
             obj_id, prompts, note = self._prompts(src, axis, fixed, labels)
             depth = int(src.data.shape[axis])
@@ -198,8 +198,9 @@ class PropagateSection(QWidget):
             "stop_after": int(self.stop_after_spin.value()),
         }
         view = RecordedWrites(
-            planes.AxisView(unwrap(labels).data, axis, fixed, src.n_lead),
-            UndoStep(labels, max_pixels=results.UNDO_PIXELS),
+            planes.AxisView(target.data, axis, fixed, src.n_lead),
+            target.step(results.UNDO_PIXELS if target.pyramid is None
+                        else labels_target.REGION_UNDO_PIXELS),
         )
         task = PropagationTask(session, binder, obj_id=obj_id, labels=labels, view=view,
                                stack=src.data, prompts=prompts, kwargs=kwargs,
