@@ -75,7 +75,8 @@ def canvas_click(viewer, qtbot, layer, row, col):
     qtbot.mouseClick(native, Qt.MouseButton.LeftButton, pos=pos)
     qtbot.waitUntil(lambda: len(layer.data) == n + 1, timeout=5000)
     got = np.asarray(layer.data[-1])
-    assert abs(got[-2] - row) < 1.0 and abs(got[-1] - col) < 1.0, (got, row, col)
+    tol = max(1.0, 1.0 / cam.zoom)  # a screen pixel is 1 / zoom data pixels
+    assert abs(got[-2] - row) < tol and abs(got[-1] - col) < tol, (got, row, col)
     return got
 
 
