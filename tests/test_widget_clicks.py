@@ -16,7 +16,8 @@ def test_first_change_starts_at_once_and_a_burst_is_coalesced(
     from napari_sam3.widget import clicks
 
     viewer, widget = dock(make_napari_viewer)
-    load(widget, qtbot, tiny_tracker_dir)
+    seg = load(widget, qtbot, tiny_tracker_dir)
+    assert seg.reuse_encoded  # the widget routes clicks to encoded tiles (the API does not)
     rng = np.random.default_rng(0)
     viewer.add_image(rng.random((64, 96)).astype(np.float32), name="cells")
     qtbot.waitUntil(lambda: widget.binder.points_layer is not None, timeout=5000)

@@ -11,6 +11,9 @@ from pathlib import Path
 from .errors import PROG, CliError, failed
 from .inputs import read_image
 
+#: Planes with more pixels than this (or a side over 16,384) open as a lazy pyramid.
+LAZY_PIXELS = 4096 * 4096
+
 WIDGET_NAME = "SAM3 segmentation"
 SCREENSHOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _HEADLESS_QPA = ("offscreen", "minimal", "vnc", "eglfs", "linuxfb")
@@ -103,11 +106,41 @@ def _load_and_click(viewer, widget, row: float, col: float, timeout_s: float = 9
     return area
 
 
+def open_image(path: str, threshold: int | None = None):
+    """IMAGE for napari: ``(data, multiscale)``. A TIFF or Zarr with a plane over
+    ``threshold`` pixels (default :data:`LAZY_PIXELS`), or with its own pyramid, is a
+    lazy dask pyramid (``core.lazy_pyramid``: nothing read but metadata, napari then
+    reads only the level and region in view); anything else is read as before."""
+    from ..core.lazy_pyramid import lazy_pyramid, needs_pyramid, open_lazy
+
+    threshold = LAZY_PIXELS if threshold is None else threshold
+    if Path(path).suffix.lower() in (".tif", ".tiff", ".zarr") and Path(path).exists():
+        try:
+            levels = open_lazy(path)
+        except Exception:  # noqa: BLE001 - read_image says what is wrong in one line
+            levels = None
+        if levels and (len(levels) > 1 or needs_pyramid(levels[0].shape, threshold=threshold)):
+            return lazy_pyramid(levels), True
+    return read_image(path), False
+
+
+def add_image(viewer, path: str, opened=None):
+    """Add IMAGE to ``viewer``: ``opened`` as :func:`open_image` returned it (default:
+    open it now). Returns the layer."""
+    data, multiscale = open_image(path) if opened is None else opened
+    name = Path(path).stem.removesuffix(".ome")
+    if not multiscale:
+        return viewer.add_image(data, name=name)
+    shape = "x".join(map(str, data[0].shape))
+    print(f"{path}: {shape} opened lazily as a pyramid of {len(data)} levels", flush=True)
+    return viewer.add_image(data, name=name, multiscale=True)
+
+
 def cmd_view(args) -> int:
     if args.image and args.sample:
         raise CliError("give an IMAGE or --sample, not both")
     click_at = _parse_click(args.click)
-    image = read_image(args.image) if args.image else None
+    image = open_image(args.image) if args.image else None
     shot = None
     if args.screenshot:
         shot = Path(args.screenshot)
@@ -124,7 +157,7 @@ def cmd_view(args) -> int:
 
     viewer = napari.Viewer(title="napari-sam3")
     if image is not None:
-        viewer.add_image(image, name=Path(args.image).stem.removesuffix(".ome"))
+        add_image(viewer, args.image, image)
     else:
         from .._sample_data import sample_cells
 

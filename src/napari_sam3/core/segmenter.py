@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import tile_keys
 from .cache import MemoryLRU
 from .checks import cleanup_areas, finite_number, label_ids, labels_shape, whole_number
 from .defaults import DEFAULT_DIRECTION, DEFAULT_MODEL, DEFAULT_STOP_AFTER, DIRECTIONS
@@ -110,13 +111,15 @@ class ObjectMask:
     logits: np.ndarray  # float32, shape of the region; the mask is logits > 0
     iou_score: float
     object_score: float
+    tile: tuple[int, int, int, int] | None = None  # (r0, c0, r1, c1) decoded in; None: untiled
 
-    def shifted(self, row0: int, col0: int) -> ObjectMask:
+    def shifted(self, row0: int, col0: int, tile=None) -> ObjectMask:
         """The same object with its region moved by (row0, col0), e.g. tile -> image."""
         rows, cols = self.region
         return ObjectMask((slice(rows.start + row0, rows.stop + row0),
                            slice(cols.start + col0, cols.stop + col0)),
-                          self.logits, self.iou_score, self.object_score)
+                          self.logits, self.iou_score, self.object_score,
+                          self.tile if tile is None else tuple(tile))
 
 
 class Sam3Segmenter(TiledModel):
@@ -233,9 +236,17 @@ class Sam3Segmenter(TiledModel):
         return pad_to(self.prepare(grid.read(image, tile), limits), grid.padded_shape(tile))
 
     def encode_tile(self, image, grid: TileGrid, tile: Tile, limits) -> ImageEmbedding:
+        """A tile's embedding; a cached one is found by its remembered key, unread."""
+        hit, rgb = tile_keys.cached_tile(self, image, grid, tile, limits)
+        if hit is not None:
+            return hit
         meta = {"limits": _limits_meta(limits), "tile": [tile.r0, tile.c0, tile.r1, tile.c1],
                 "tile_size": grid.tile_size, "overlap": grid.overlap}
-        return self.embed_rgb(self.tile_rgb(image, grid, tile, limits), meta)
+        return self.embed_rgb(rgb, meta)
+
+    def encoded_tiles(self, image, limits=None, region=None, read: bool = False) -> list:
+        """Boxes (r0, c0, r1, c1) of the encoded tiles: :func:`tile_keys.encoded_tiles`."""
+        return tile_keys.encoded_tiles(self, image, limits, region, read)
 
     def precompute(self, image, limits=None, region=None):
         """Encode every tile of ``image`` (or those meeting ``region`` = (r0, c0, r1, c1)).
@@ -316,8 +327,9 @@ class Sam3Segmenter(TiledModel):
             return
         limits = self.resolve_limits(image, limits)
         by_tile: dict[Tile, list[int]] = {}
+        route = tile_keys.router(self, image, grid, limits)  # encoded tiles first
         for i, p in enumerate(prompts):
-            by_tile.setdefault(grid.route(prompt_bbox(p)), []).append(i)
+            by_tile.setdefault(route(prompt_bbox(p)), []).append(i)
         order = [t for t in grid.tiles if t in by_tile]
         for tile in order:  # in the tile's frame too, before anything is decoded or written
             for i in by_tile[tile]:
@@ -332,7 +344,7 @@ class Sam3Segmenter(TiledModel):
         emb = self.encode_tile(image, grid, tile, limits)
         local = [prompt_in_tile(prompts[i], tile, grid.padded_shape(tile)) for i in idx]
         for j, obj in self._decode(emb, local, valid=tile.shape, crop=crop):
-            yield idx[j], obj.shifted(tile.r0, tile.c0)
+            yield idx[j], obj.shifted(tile.r0, tile.c0, (tile.r0, tile.c0, tile.r1, tile.c1))
 
     def _decode(self, embedding: ImageEmbedding, prompts: Sequence[ObjectPrompt],
                 valid=None, crop: bool = False) -> Iterator[tuple[int, ObjectMask]]:

@@ -11,7 +11,10 @@ An object goes to the tile that contains its prompts with the most margin to
 a seam (an edge shared with another tile; image borders do not count). So any
 object whose extent from its prompts is under ``overlap / 2`` on every side
 comes out whole from one tile: a round cell of diameter up to ``overlap``
-clicked near its centre is never cut.
+clicked near its centre is never cut. Unless that tile is not encoded yet and
+another, encoded one holds the prompts with at least ``overlap // 4`` of margin:
+then that one is used (no encoding; objects reaching up to ``overlap / 4`` from
+their prompts still come out whole).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 from .cache import content_key
 from .defaults import DEFAULT_OVERLAP, DEFAULT_TILE
 from .feature_cache import FeatureCache
+from .tile_keys import TileKeys
 
 
 @dataclass(frozen=True)
@@ -115,9 +119,30 @@ class TileGrid:
             return float(inside) - 1e9  # not contained: rank by how far it sticks out
         return float(min(sides)) if sides else float("inf")
 
-    def route(self, bbox) -> Tile:
-        """The tile holding ``bbox`` (row0, col0, row1, col1) with the most margin."""
-        return max(self.tiles, key=lambda t: self.margin(t, bbox))
+    @property
+    def reuse_margin(self) -> int:
+        """The margin an encoded tile needs to take an object from the best tile: a
+        quarter of the overlap, half what the best tile guarantees a point (half the
+        overlap), so an object reaching up to this far from its prompts stays whole."""
+        return self.overlap // 4
+
+    def route(self, bbox, encoded=None, min_margin: int | None = None) -> Tile:
+        """The tile holding ``bbox`` (row0, col0, row1, col1) with the most margin.
+
+        ``encoded``: a predicate ``tile -> bool`` (is it encoded already?). When the best
+        tile is not encoded, the encoded tile with the most margin is taken instead if
+        it holds ``bbox`` with at least ``min_margin`` (default :attr:`reuse_margin`).
+        The predicate is asked about the best tile first, then only about tiles that
+        hold ``bbox`` with that margin, most margin first.
+        """
+        margins = [self.margin(t, bbox) for t in self.tiles]
+        best = self.tiles[int(np.argmax(margins))]
+        if encoded is None or encoded(best):
+            return best
+        need = self.reuse_margin if min_margin is None else min_margin
+        held = sorted((k for k, m in enumerate(margins) if m >= need and self.tiles[k] != best),
+                      key=lambda k: -margins[k])
+        return next((self.tiles[k] for k in held if encoded(self.tiles[k])), best)
 
     def read(self, image, tile: Tile) -> np.ndarray:
         """The pixels of ``tile`` from an array-like (NumPy, Zarr, dask), not padded."""
@@ -151,6 +176,10 @@ class TiledModel:
         self.overlap = int(self.tile_size // 4 if overlap is None else overlap)
         TileGrid((1, 1), self.tile_size, self.overlap)  # validates the settings
         self.encoder_calls = 0
+        self.tile_keys = TileKeys()  # cache keys of tiles, remembered per image
+        # route prompts to already encoded tiles (see TileGrid.route): off by default, so
+        # the API and CLI give masks that do not depend on the cache; the widget turns it on
+        self.reuse_encoded = False
 
     @property
     def input_size(self) -> int:

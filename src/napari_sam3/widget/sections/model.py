@@ -65,6 +65,7 @@ class ModelSection(QWidget):
     @guarded
     def _on_loaded(self, segmenter) -> None:
         self.load_button.setEnabled(True)
+        segmenter.reuse_encoded = True  # clicks use an encoded tile that holds them
         where = getattr(getattr(segmenter, "store", None), "path", None)
         cache = f"cache {where}" if where is not None else "embeddings in memory"
         self.session.status(
