@@ -43,3 +43,41 @@ def test_first_change_starts_at_once_and_a_burst_is_coalesced(
     assert requests == [1, 3, 4]
     wait_idle(widget, qtbot)
     assert requests == [1, 3, 4]  # nothing left to coalesce: no extra request
+
+
+def test_encoded_tiles_are_outlined_and_clicks_reuse_them(
+    make_napari_viewer, qtbot, tiny_tracker_dir
+):
+    from gui import canvas_click
+
+    from napari_sam3.widget.encoded_overlay import ENCODED_NAME
+
+    viewer, widget = dock(make_napari_viewer)
+    widget.cache_section.tile_spin.setValue(112)  # the tiny model's input: 3 x 3 tiles
+    widget.cache_section.overlap_spin.setValue(28)
+    seg = load(widget, qtbot, tiny_tracker_dir)
+    rng = np.random.default_rng(1)
+    image = viewer.add_image((rng.random((200, 260)) * 1000).astype(np.uint16), name="tiled")
+    qtbot.waitUntil(lambda: widget.binder.points_layer is not None, timeout=5000)
+    wait_idle(widget, qtbot)
+    points = unwrap(widget.binder.points_layer)
+    assert ENCODED_NAME not in viewer.layers  # nothing encoded yet: no outline
+
+    canvas_click(viewer, qtbot, points, 40, 40)
+    wait_idle(widget, qtbot)
+    assert seg.encoder_calls == 1
+    overlay = viewer.layers[ENCODED_NAME]
+    limits = tuple(float(v) for v in image.contrast_limits)
+    boxes = seg.encoded_tiles(image.data, limits)
+    assert len(boxes) == 1 and len(overlay.data) == 1
+    (r0, c0, r1, c1), = boxes
+    np.testing.assert_allclose(np.sort(overlay.data[0], axis=0)[[0, -1]], [[r0, c0], [r1, c1]])
+    assert viewer.layers.selection.active is points  # the user's layer stays active
+    assert overlay not in widget.binder.candidates("shapes")
+
+    # a second object inside the encoded tile (but nearer another tile's centre) reuses it
+    widget.object_section.new_object()
+    canvas_click(viewer, qtbot, points, 40, 103)  # tile 0..112: margin 9; tile 84..196: 19
+    wait_idle(widget, qtbot)
+    assert seg.encoder_calls == 1 and widget.object_section.preview_mask.any()
+    assert len(overlay.data) == 1

@@ -135,6 +135,8 @@ class LayerBinder(QObject):
         if role == "labels":
             out = [ly for ly in out if tag_of(ly).get("role") not in ("preview", "edit")
                    and not same(ly, self.preview_layer)]
+        elif role in ("shapes", "exemplars"):
+            out = [ly for ly in out if tag_of(ly).get("role") != "encoded"]
         return out
 
     def _preferred(self, role: str):

@@ -17,6 +17,7 @@ from qtpy.QtWidgets import QLabel, QProgressBar, QScrollArea, QSizePolicy, QVBox
 from superqt import QCollapsible
 
 from .binder import LayerBinder
+from .encoded_overlay import EncodedOverlay
 from .runner import JobRunner
 from .sections.cache import CacheSection
 from .sections.instances import InstancesSection
@@ -88,6 +89,7 @@ class Sam3Widget(QWidget):
         self.propagate_section = PropagateSection(session, runner, binder)
         self.instances_section = InstancesSection(session, runner, binder)
         self.post_section = PostSection(session)
+        self.encoded_overlay = EncodedOverlay(session, runner, binder, self)
         self._build()
         session.status_changed.connect(self.status_label.setText)
         runner.changed.connect(self._update_progress)
