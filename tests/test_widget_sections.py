@@ -441,3 +441,31 @@ def test_docking_fits_the_image_into_the_smaller_canvas(make_napari_viewer, qtbo
     viewer.reset_view()  # what napari's own fit gives now
     assert float(camera(viewer).zoom) == pytest.approx(zoom, rel=1e-3)
     assert tuple(camera(viewer).center) == pytest.approx(center, abs=1e-3)
+
+
+def test_choosing_a_labels_layer_continues_above_its_ids_and_bad_channels_are_one_line(
+    make_napari_viewer, qtbot
+):
+    viewer, widget = dock(make_napari_viewer)
+    image = viewer.add_image(np.zeros((40, 60), np.float32), name="cells")
+    choose_image(widget, qtbot, image)
+    assert widget.session.object_id == 1
+    mine = np.zeros((40, 60), np.int32)
+    mine[5:9, 5:9], mine[20:25, 30:40] = 7, 12
+    nuclei = viewer.add_labels(mine, name="nuclei")
+    combo = widget.layers_section.labels_combo
+    combo.setCurrentIndex(combo.findText("nuclei"))
+    assert unwrap(widget.binder.labels_layer) is nuclei
+    assert widget.session.object_id == 13  # never an id the chosen layer already has
+
+    notes = Notes()
+    other = viewer.add_image(np.zeros((40, 61), np.float32), name="membrane")
+    channel = widget.layers_section.channel_combos[0]
+    channel.setCurrentIndex(channel.findText("membrane"))
+    from napari_sam3.widget.layer_data import LayerError
+
+    with pytest.raises(LayerError, match="channel 2 'membrane' has shape"):  # one line
+        widget.binder.source()
+    assert not notes.since("error")
+    choose_image(widget, qtbot, other)  # another image: its channels start empty again
+    assert widget.binder.channels is None and channel.currentIndex() == 0

@@ -177,6 +177,8 @@ class LayerBinder(QObject):
             return
         self._rebind(role, layer)
         self.role_changed.emit(role)
+        if role == "labels" and layer is not None:
+            self.session.object_id = self.next_object_id()  # never an id the layer has
 
     def _rebind(self, role: str, layer) -> None:
         old = self.roles[role]

@@ -76,6 +76,9 @@ class Sam3Widget(QWidget):
     ``status`` is the status line's text.
     """
 
+    _docked = False  # Qt sends events during construction: class defaults
+    _fit_pending = False
+
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
@@ -174,13 +177,13 @@ class Sam3Widget(QWidget):
         sizes the dock and the canvas (if the user did not move the view). napari's dock
         X reparents the widget to None: close the session then."""
         kind = ev.type()
-        if kind == QEvent.Type.ParentChange and hasattr(self, "_docked"):
+        if kind == QEvent.Type.ParentChange and "session" in self.__dict__:
             if self.parent() is not None:
                 if not self._docked:
                     self._docked = self._fit_pending = True
             elif self._docked and not self.session.closed:
                 self.session.close()
-        elif kind == QEvent.Type.Resize and getattr(self, "_fit_pending", False):
+        elif kind == QEvent.Type.Resize and self._fit_pending:
             QTimer.singleShot(0, self._fit_view)
         return super().event(ev)
 

@@ -91,7 +91,10 @@ def channels_source(layers) -> ImageSource:
         arrays.append(level0(raw))
         limits.append(tuple(float(v) for v in raw.contrast_limits))
     names = [unwrap(ly).name for ly in layers]
-    data = composite_from(arrays, limits, names=names)
+    try:
+        data = composite_from(arrays, limits, names=names)
+    except ValueError as exc:  # shapes or limits that do not fit: one line for the user
+        raise layer_data.LayerError(str(exc)) from None
     n_lead, plane = layer_data.image_geometry(data.shape, True, first.name)
     return ImageSource(layers[0], data, True, n_lead, plane, None)
 

@@ -126,7 +126,8 @@ class CacheSection(QWidget):
             if session.segmenter is None:
                 raise UserError("no SAM3 model loaded: click 'Load model' first")
             src = binder.source()
-            session.sync_tiling()
+            if self.runner.current_worker is None:  # a click may be between steps
+                session.sync_tiling()
             lead = binder.current_slice(src)
             if scope == "field of view":
                 jobs = [(src.plane_at(lead), src.limits, binder.field_of_view(src))]

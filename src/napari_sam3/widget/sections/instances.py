@@ -244,9 +244,7 @@ class InstancesSection(QWidget):
 
     @guarded
     def _on_exemplar_positive_toggled(self, checked: bool) -> None:
-        if self.binder.exemplars_layer is None:
-            return
-        flipped = self.binder.set_exemplar_positive(checked)
+        flipped = self.binder.set_exemplar_positive(checked)  # also before the layer exists
         self.session.status(
             f"New exemplars are {'positive' if checked else 'negative'}"
             + (f"; {flipped} selected exemplar(s) flipped" if flipped else "")
@@ -276,7 +274,8 @@ class InstancesSection(QWidget):
         if self.session.segmenter is None:
             raise UserError("no SAM3 model loaded: click 'Load model' first")
         src = self.binder.source()
-        self.session.sync_tiling()
+        if self.runner.current_worker is None:  # a click may be between steps
+            self.session.sync_tiling()
         return src, self.binder.labels_for(src)
 
     def _scope_leads(self, src, scope: str) -> tuple[list[tuple], int]:

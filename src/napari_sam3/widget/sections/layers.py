@@ -97,6 +97,9 @@ class LayersSection(QWidget):
     def _refill(self) -> None:
         for role, combo in self.combos.items():
             fill_combo(combo, self.binder.candidates(role), self.binder.layer(role))
+        self._refill_channels()
+
+    def _refill_channels(self) -> None:
         extra = self.binder.channels[1:] if self.binder.channels else []
         images = [ly for ly in self.binder.candidates("image") if not unwrap(ly).rgb]
         for i, combo in enumerate(self.channel_combos):
@@ -107,7 +110,9 @@ class LayersSection(QWidget):
         combo = self.combos.get(role)
         if combo is not None:
             fill_combo(combo, self.binder.candidates(role), self.binder.layer(role))
-        if role == "image":
+        if role == "image":  # another image: its channels are chosen again
+            self.binder.channels = None
+            self._refill_channels()
             self._on_channels_changed()
 
     # -- combos -> binder ------------------------------------------------------------------------

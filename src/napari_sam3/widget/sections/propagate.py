@@ -170,7 +170,8 @@ class PropagateSection(QWidget):
             if session.segmenter is None:
                 raise UserError("no SAM3 model loaded: click 'Load model' first")
             src = binder.source()
-            session.sync_tiling()
+            if self.runner.current_worker is None:  # a click may be between steps
+                session.sync_tiling()
             labels = binder.labels_for(src)
             target = binder.target(labels)
             axis, fixed = binder.propagation_axis(src)
