@@ -48,6 +48,7 @@ def test_a_huge_pyramid_is_made_without_allocating_its_plane(tmp_path, monkeypat
     assert [lv.shape for lv in data.levels] == level_shapes((20000, 20000), 0)
     assert scratch_labels.is_ours(folder) and not scratch_labels.holds_labels(folder)
     data.write((slice(19990, 20000), slice(5, 9)), 7)
+    data.wait()  # the widget's pyramid writes in the background
     assert scratch_labels.holds_labels(folder)
     assert (data.read((slice(19990, 20000), slice(5, 9))) == 7).all()
     reopened = Pyramid.open(folder / scratch_labels.ARRAY)
@@ -158,6 +159,58 @@ def test_region_undo_redo_restore_every_level_exactly(tmp_path):
     assert (pyr.read((1, slice(0, 5), slice(0, 5))) == 3).all()  # the write stands
 
 
+def test_queued_writes_land_in_order_in_the_background_and_reads_wait(tmp_path):
+    import threading
+
+    from napari_sam3.core.pyramid import QueuedPyramid, wait_for_writes
+
+    base = QueuedPyramid.create(tmp_path / "q.zarr", (600, 800), 0)
+    gate = threading.Event()
+
+    class Gated:  # level 0 blocks its writes until the gate opens
+        def __init__(self, arr):
+            self.arr, self.shape, self.dtype = arr, arr.shape, arr.dtype
+
+        def __getitem__(self, key):
+            return self.arr[key]
+
+        def __setitem__(self, key, value):
+            assert gate.wait(10)
+            self.arr[key] = value
+
+    pyr = QueuedPyramid([Gated(base.levels[0])] + base.levels[1:], 0)
+    landed = []
+    pyr.on_written = landed.append
+    ids = np.arange(200 * 300, dtype=np.int32).reshape(200, 300)
+    pyr.write((slice(100, 300), slice(200, 500)), ids)  # returns while level 0 is blocked
+    ids[:] = -1  # the caller may reuse its array: the queue has its own copy
+    pyr.write((slice(0, 10), slice(0, 10)), 5)
+    assert pyr.pending and landed == []
+    assert not np.asarray(base.levels[0][100:300, 200:500]).any()  # nothing landed yet
+    gate.set()
+    got = pyr.read((slice(100, 300), slice(200, 500)))  # waits for both writes
+    assert not pyr.pending and landed == [None]  # one call when the queue emptied
+    assert got.tolist() == np.arange(200 * 300).reshape(200, 300).tolist()
+    assert int(pyr.read((5, 5))) == 5
+    for k, (fr, fc) in enumerate(pyr.factors):
+        np.testing.assert_array_equal(np.asarray(base.levels[k][...]),
+                                      np.asarray(base.levels[0][...])[::fr, ::fc])
+
+    # a write that fails is reported once the queue empties, and by the next read
+    class Broken(Gated):
+        def __setitem__(self, key, value):
+            raise OSError("disk full")
+
+    bad = QueuedPyramid([Broken(base.levels[0])] + base.levels[1:], 0)
+    bad.on_written = landed.append
+    bad.write((0, 0), 1)
+    with pytest.raises(OSError, match="disk full"):
+        wait_for_writes()
+    assert isinstance(landed[-1], OSError) and bad.read((1, 1)) is not None  # raised once
+    pyr.close()
+    bad.close()
+
+
 def test_stride_factors_are_checked():
     with pytest.raises(ValueError, match="stride sampling"):
         Pyramid([np.zeros((100, 100), np.int32), np.zeros((70, 70), np.int32)])
@@ -215,7 +268,8 @@ def test_widget_pyramid_labels_commit_undo_redo_and_edit_window(
     folder = widget.binder.scratch.folder_of(labels)
     assert folder is not None and scratch_labels.is_ours(folder)
 
-    def levels():
+    def levels():  # what napari reads, once the background writes have landed
+        target.pyramid.wait()
         return [np.asarray(lv[...]) for lv in labels.data]
 
     # a commit writes the object at full resolution and its region at every level
@@ -297,9 +351,12 @@ def test_widget_labels_of_a_huge_multiscale_image_take_its_levels_without_the_pl
     target = widget.binder.target(labels)
     rows, cols = np.mgrid[15000:15040, 3000:3050]
     target.set_pixels((rows.ravel(), cols.ravel()), 4)
+    target.wait()
     for k in range(len(labels.data)):
         assert len(_chunk_files(folder / scratch_labels.ARRAY / str(k))) == 1
-    assert target.undo() and not scratch_labels.holds_labels(folder)
+    assert target.undo()
+    target.wait()
+    assert not scratch_labels.holds_labels(folder)
 
 
 def test_widget_pyramid_stack_propagation_is_one_step_at_every_level(
@@ -330,11 +387,13 @@ def test_widget_pyramid_stack_propagation_is_one_step_at_every_level(
     points, labels = unwrap(widget.binder.points_layer), unwrap(widget.binder.labels_layer)
     assert labels.multiscale
     assert [tuple(lv.shape) for lv in labels.data] == [(8, 80, 112), (8, 40, 56), (8, 20, 28)]
-    factors = widget.binder.target(labels).pyramid.factors
+    pyramid = widget.binder.target(labels).pyramid
+    factors = pyramid.factors
     pp = {"max_hole_area": widget.post_section.max_hole_area.value(),
           "max_sprinkle_area": widget.post_section.max_sprinkle_area.value()}
 
-    def levels():
+    def levels():  # what napari reads, once the background writes have landed
+        pyramid.wait()
         return [np.asarray(lv[...]) for lv in labels.data]
 
     viewer.dims.set_current_step(0, 3)  # object 1, committed on slice 3

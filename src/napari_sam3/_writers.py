@@ -33,6 +33,9 @@ def _level0(data: Any, meta: dict) -> Any:
 
 
 def _write(func, path: str, data: Any, meta: dict, suffixes, **kwargs) -> list[str]:
+    from .core.pyramid import wait_for_writes
+
+    wait_for_writes()  # a commit's pyramid writes may still be landing
     data = _level0(data, meta)
     try:
         axes = io.label_axes(len(data.shape), meta.get("axis_labels"))

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +196,89 @@ class Pyramid:
 
     def __setitem__(self, key, values) -> None:
         self.write(key, values)
+
+
+class QueuedPyramid(Pyramid):
+    """A :class:`Pyramid` whose writes run in order in one background thread, so the
+    caller (napari's GUI thread) never waits for the disk; reads wait for them first.
+
+    ``on_written(error)`` runs in the writer thread each time the queue empties
+    (``error``: the first exception among those writes, else None); :meth:`wait` blocks
+    until the queue is empty and raises that error.
+    """
+
+    def __init__(self, levels: Sequence, n_lead: int | None = None):
+        super().__init__(levels, n_lead)
+        self.on_written: Callable[[BaseException | None], None] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._idle = threading.Event()
+        self._idle.set()
+        self._error: BaseException | None = None
+        _QUEUED.add(self)
+
+    @property
+    def pending(self) -> bool:
+        """Writes are queued or running."""
+        return not self._idle.is_set()
+
+    def write(self, key, values) -> None:
+        """Queue the write of ``values`` over ``key`` (a copy of them: the caller may
+        reuse its array); it lands at every level in submission order."""
+        key = self.full_key(key)
+        shape = tuple(s.stop - s.start for s in key if isinstance(s, slice))
+        values = np.array(np.broadcast_to(np.asarray(values).astype(self.dtype, copy=False),
+                                          shape))
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="napari-sam3-labels")
+            self._queued += 1
+            self._idle.clear()
+        self._pool.submit(self._land, key, values)
+
+    def _land(self, key, values) -> None:
+        error = None
+        try:
+            Pyramid.write(self, key, values)
+        except Exception as exc:  # reported through on_written and wait()
+            error = exc
+        with self._lock:
+            self._queued -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            drained = self._queued == 0
+            report = self._error
+            if drained:
+                self._idle.set()
+        if drained and self.on_written is not None:
+            self.on_written(report)
+
+    def wait(self) -> None:
+        """Block until every queued write has landed; raise the first that failed."""
+        self._idle.wait()
+        with self._lock:
+            error, self._error = self._error, None
+        if error is not None:
+            raise OSError(f"writing the labels failed: {error}") from error
+
+    def read(self, key=()) -> np.ndarray:
+        self.wait()
+        return super().read(key)
+
+    def close(self) -> None:
+        """Let the queued writes land, then stop the writer thread."""
+        self._idle.wait()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+_QUEUED: weakref.WeakSet[QueuedPyramid] = weakref.WeakSet()
+
+
+def wait_for_writes() -> None:
+    """Block until the queued writes of every :class:`QueuedPyramid` have landed (before
+    anything reads their levels directly, e.g. a writer saving the layer)."""
+    for pyramid in list(_QUEUED):
+        pyramid.wait()

@@ -126,7 +126,7 @@ class LayerBinder(QObject):
 
     @property
     def busy(self) -> bool:
-        return self._ensure_timer.isActive()
+        return self._ensure_timer.isActive() or self.targets.pending
 
     def candidates(self, role: str) -> list:
         """The layers that can play ``role`` (labels: not a preview or an edit window)."""

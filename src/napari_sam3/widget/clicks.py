@@ -293,6 +293,10 @@ class ClickSegmentation(QObject):
             layer.data = data
         self.preview = st
 
+    def _clear_stale_preview(self) -> None:
+        if self.preview is None:  # no newer preview was shown meanwhile
+            self.clear_preview()
+
     def clear_preview(self) -> None:
         self.preview = None
         layer = self.binder.preview_layer
@@ -353,7 +357,8 @@ class ClickSegmentation(QObject):
         written = int(np.count_nonzero(values == obj_id))
         binder.remove_prompts(obj_id, st.lead)
         self.mask_prompt = None
-        self.clear_preview()
+        self.preview = None
+        target.when_landed(self._clear_stale_preview)  # no blink before the labels show
         unwrap(labels).selected_label = obj_id
         new_id = self.new_object()
         where = _where(st.lead)

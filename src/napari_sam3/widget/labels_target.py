@@ -3,15 +3,17 @@
 * :class:`NapariLabels`: a single-resolution Labels layer (NumPy or Zarr); writes are
   napari's (``data_setitem``, :class:`~.history.UndoStep`) and so is undo.
 * :class:`PyramidLabels`: a multiscale Labels layer over a
-  :class:`~napari_sam3.core.pyramid.Pyramid`; a write at full resolution updates the same
-  region of every level, and undo is ours (:class:`~.history.RegionHistory`, Ctrl+Z /
-  Ctrl+Shift+Z bound on the layer), since napari edits no multiscale Labels.
+  :class:`~napari_sam3.core.pyramid.QueuedPyramid`; a write at full resolution updates the
+  same region of every level in a background thread (napari never waits for the disk; the
+  layer is refreshed when the writes have landed, reads wait for them), and undo is ours
+  (:class:`~.history.RegionHistory`, Ctrl+Z / Ctrl+Shift+Z bound on the layer), since
+  napari edits no multiscale Labels.
 
 Both have ``layer``, ``shape``, ``dtype``, ``data`` (full-resolution, writable
 array-like: writes through it are not recorded), ``read(key)``, ``set_pixels(indices,
 values)`` (one undo step; returns whether it is undoable), ``step(max_pixels)`` (an
 undo step to fill over time: ``record(key, old, new)``, ``too_large``), ``refresh()``,
-``undo()`` and ``redo()``.
+``when_landed(call)`` (runs once the writes show), ``undo()`` and ``redo()``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class NapariLabels:
     def refresh(self) -> None:
         self.layer.refresh()
 
+    def when_landed(self, call) -> None:
+        call()  # napari writes at once
+
     def undo(self) -> bool:
         unwrap(self.layer).undo()
         return True
@@ -72,6 +77,39 @@ class PyramidLabels:
         raw = unwrap(layer)
         raw.bind_key(UNDO_KEY, lambda *_: self.undo(), overwrite=True)
         raw.bind_key(REDO_KEY, lambda *_: self.redo(), overwrite=True)
+        self._after_landing: list = []
+        if hasattr(pyramid, "on_written"):
+            from superqt.utils import ensure_main_thread
+
+            pyramid.on_written = ensure_main_thread(self._landed)
+
+    @property
+    def pending(self) -> bool:
+        """Writes are still landing in the background."""
+        return bool(getattr(self.pyramid, "pending", False))
+
+    def wait(self) -> None:
+        if hasattr(self.pyramid, "wait"):
+            self.pyramid.wait()
+
+    def _landed(self, error) -> None:
+        """The queued writes have landed (GUI thread): show them, or say they failed."""
+        if error is not None:
+            from napari.utils import notifications
+
+            notifications.show_error(f"SAM3: {error}; the labels on disk may miss that edit")
+        if not self.pending:
+            self.layer.refresh()
+            calls, self._after_landing = self._after_landing, []
+            for call in calls:
+                call()
+
+    def when_landed(self, call) -> None:
+        """Run ``call()`` (GUI thread) once the queued writes are shown; now if none are."""
+        if self.pending:
+            self._after_landing.append(call)
+        else:
+            call()
 
     @property
     def data(self):
@@ -101,11 +139,13 @@ class PyramidLabels:
             if not rr.size:
                 continue
             r0, c0 = int(rr.min()), int(cc.min())
-            key = tuple(int(v) for v in lead) + (slice(r0, int(rr.max()) + 1),
-                                                  slice(c0, int(cc.max()) + 1))
-            crop = self.pyramid.read(key).copy()
-            crop[rr - r0, cc - c0] = values[sel]
-            step.write(key, crop)
+            key = self.pyramid.full_key(tuple(int(v) for v in lead) + (
+                slice(r0, int(rr.max()) + 1), slice(c0, int(cc.max()) + 1)))
+            old = self.pyramid.read(key)
+            new = old.copy()
+            new[rr - r0, cc - c0] = values[sel]
+            step.record(key, old, new)
+            self.pyramid.write(key, new)
         self.refresh()
         return not step.too_large
 
@@ -113,7 +153,9 @@ class PyramidLabels:
         return self.history.step(max_pixels)
 
     def refresh(self) -> None:
-        self.layer.refresh()
+        """Show the labels now, unless writes are landing (then when they have)."""
+        if not self.pending:
+            self.layer.refresh()
 
     def undo(self) -> bool:
         return self.history.undo()
@@ -145,20 +187,36 @@ class LabelTargets:
             return hit[1]
         if not raw.multiscale:
             return NapariLabels(layer)
-        from ..core.pyramid import Pyramid
+        from ..core.pyramid import QueuedPyramid
 
         try:
-            pyramid = Pyramid(list(raw.data))
+            pyramid = QueuedPyramid(list(raw.data))
         except ValueError as exc:
             raise UserError(f"labels layer '{raw.name}' cannot be written into: {exc}") from None
         return self.add(layer, pyramid)
 
     def disconnect(self) -> None:
+        """Stop following the layers; queued writes land first."""
         try:
             self._layers.events.removed.disconnect(self._on_removed)
         except (TypeError, ValueError, RuntimeError):
             pass
+        for _, target in self._pyramids.values():
+            if hasattr(target.pyramid, "close"):
+                target.pyramid.close()
+
+    @property
+    def pending(self) -> bool:
+        """A pyramid's writes are still landing."""
+        return any(target.pending for _, target in self._pyramids.values())
+
+    def wait(self) -> None:
+        """Block until every pyramid's writes have landed (before saving them)."""
+        for _, target in list(self._pyramids.values()):
+            target.wait()
 
     def _on_removed(self, event) -> None:
         raw = unwrap(getattr(event, "value", None))
-        self._pyramids.pop(id(raw), None)
+        hit = self._pyramids.pop(id(raw), None)
+        if hit is not None and hasattr(hit[1].pyramid, "close"):
+            hit[1].pyramid.close()

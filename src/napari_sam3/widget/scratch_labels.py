@@ -64,9 +64,9 @@ def new_labels_data(shape: tuple, n_lead: int, large_pixels: int = LARGE_PIXELS,
     (folder / MARKER).write_text(json.dumps({"kind": _KIND, "array": ARRAY}), encoding="utf-8")
     atexit.register(_at_exit, folder)
     if pyramid:
-        from ..core.pyramid import Pyramid
+        from ..core.pyramid import QueuedPyramid
 
-        return Pyramid.create(folder / ARRAY, shape, n_lead, image_levels), folder
+        return QueuedPyramid.create(folder / ARRAY, shape, n_lead, image_levels), folder
     chunks = (1,) * n_lead + (min(1024, shape[-2]), min(1024, shape[-1]))
     data = zarr.create_array(folder / ARRAY, shape=shape, chunks=chunks, dtype="int32",
                              fill_value=0)
@@ -143,6 +143,9 @@ class ScratchFolders:
         folder = self._folders.pop(id(getattr(layer, "__wrapped__", layer)), None)
         if folder is None or not folder.exists():
             return
+        from ..core.pyramid import wait_for_writes
+
+        wait_for_writes()  # a write still landing would make the folder hold labels
         if not holds_labels(folder):
             remove(folder)
             return
