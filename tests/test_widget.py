@@ -323,8 +323,10 @@ def test_overwrite_and_refine_selected_label(
     np.testing.assert_array_equal(labels.data[~mask], 9)
     assert widget.session.object_id == 10
 
-    widget.session.object_id = 1
+    # the committed object is the layer's selected label: refine takes it, not object 10
+    assert labels.selected_label == 1
     assert widget.object_section.refine_selected()
+    assert widget.session.object_id == 1
     wait_idle(widget, qtbot)
     expected = core_labels(tiny_segmenter, gray_image, ObjectPrompt(mask=mask)) > 0
     np.testing.assert_array_equal(preview.data, np.where(expected, 1, 0))

@@ -81,3 +81,10 @@ def test_encoded_tiles_are_outlined_and_clicks_reuse_them(
     wait_idle(widget, qtbot)
     assert seg.encoder_calls == 1 and widget.object_section.preview_mask.any()
     assert len(overlay.data) == 1
+
+    # an outline the user deletes stays deleted, though more tiles get encoded
+    viewer.layers.remove(overlay)
+    widget.object_section.new_object()
+    canvas_click(viewer, qtbot, points, 160, 220)  # a tile not encoded yet
+    wait_idle(widget, qtbot)
+    assert seg.encoder_calls == 2 and ENCODED_NAME not in viewer.layers

@@ -194,6 +194,17 @@ def test_scratch_folder_goes_with_its_layer_or_is_offered_for_deletion(
     delete(record)
     assert not folder.exists()
 
+    # after the dock is closed, a scratch layer removed is still offered for deletion
+    widget.binder.ensure_layers()
+    labels = unwrap(widget.binder.labels_layer)
+    folder = widget.binder.scratch.folder_of(labels)
+    labels.data_setitem((np.array([6]), np.array([6])), 4)
+    widget.session.close()
+    viewer.layers.remove(labels)
+    record = notification_manager.records[-1]
+    assert folder.exists() and str(folder) in str(record.message)
+    assert [name for name, _ in record.actions] == ["Delete"]
+
 
 def test_scratch_folders_only_ours_are_removed_and_exit_keeps_unsaved(tmp_path, capsys,
                                                                       monkeypatch):

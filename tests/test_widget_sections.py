@@ -240,6 +240,12 @@ def test_two_layers_as_channels_with_their_own_limits(make_napari_viewer, qtbot,
 
     combo.setCurrentIndex(0)  # (none): the image alone again
     assert widget.binder.channels is None
+    # the preview follows: the same prompts segmented on the image alone
+    wait_idle(widget, qtbot)
+    alone = seg.segment(nuclei_px, [prompt], limits=tuple(nuclei.contrast_limits),
+                        **post(widget))
+    assert not np.array_equal(alone, want)  # the channels made a difference
+    np.testing.assert_array_equal(preview.data, alone)
 
 
 # -- 5: the annotation loop's keys -------------------------------------------------------------

@@ -65,7 +65,7 @@ class LayerBinder(QObject):
     """The layers of each role, their events, and the image's geometry."""
 
     layers_changed = Signal()  # the viewer's layers or their names changed
-    role_changed = Signal(str)  # the layer playing a role changed
+    role_changed = Signal(str)  # the layer playing a role (or "channels") changed
     prompts_edited = Signal()  # the chosen points or boxes changed
     exemplars_edited = Signal()
     slice_changed = Signal()  # the viewer shows another slice
@@ -220,7 +220,8 @@ class LayerBinder(QObject):
 
     def _detach(self) -> None:
         self._ensure_timer.stop()
-        self.scratch.disconnect()
+        # self.scratch stays connected: a scratch layer removed after the dock closed
+        # still has its folder deleted, or kept with a Delete offer
         self.targets.disconnect()
         for emitter, callback in self._connections:
             emitter.disconnect(callback)
@@ -381,7 +382,7 @@ class LayerBinder(QObject):
         raw = unwrap(labels)
         data = raw.data[0] if raw.multiscale else raw.data
         if not isinstance(data, np.ndarray) and int(np.prod(data.shape)) > scratch_labels.LARGE_PIXELS:
-            return self.session.max_written
+            return self.session.max_written(raw)
         arr = np.asarray(data)
         return max(int(arr.max()) if arr.size else 0, 0)
 

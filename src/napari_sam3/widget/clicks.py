@@ -141,6 +141,11 @@ class ClickSegmentation(QObject):
             self.runner.supersede()
             self.clear_preview()
             self.mask_prompt = None
+        elif role == "channels":  # the same prompts on other pixels: segment again
+            self.runner.supersede()
+            self.clear_preview()
+            if self.session.object_id in self.binder.prompt_ids():
+                self.schedule()
 
     @guarded
     def _on_object_changed(self, obj_id: int) -> None:
@@ -353,7 +358,7 @@ class ClickSegmentation(QObject):
                 idx[1] + st.region[1].start,
             )
             target.set_pixels(full, values)
-        session.wrote(obj_id)
+        session.wrote(labels, obj_id)
         written = int(np.count_nonzero(values == obj_id))
         binder.remove_prompts(obj_id, st.lead)
         self.mask_prompt = None
@@ -377,13 +382,18 @@ class ClickSegmentation(QObject):
         return new_id
 
     def refine_selected(self) -> bool:
-        """Segment the current object with its committed pixels on the current slice as a
-        mask prompt."""
+        """Segment the label selected in the labels layer (napari's ``selected_label``,
+        what its picker sets) with its pixels on the current slice as a mask prompt; it
+        becomes the current object, so *Commit* replaces it."""
         session, binder = self.session, self.binder
-        obj_id = session.object_id
         labels = binder.labels_layer
         if labels is None:
             session.report("SAM3: no labels layer: choose one in the widget")
+            return False
+        obj_id = int(unwrap(labels).selected_label)
+        if obj_id <= 0:
+            session.report("SAM3: select the label to refine in the labels layer first "
+                           "(its picker, or the label number)")
             return False
         try:
             src = binder.source()
@@ -398,5 +408,6 @@ class ClickSegmentation(QObject):
             session.report(
                 f"SAM3: label {obj_id} has no pixels in '{labels.name}'{_where(lead)} to refine")
             return False
+        session.object_id = obj_id
         self.mask_prompt = (obj_id, lead, mask)
         return self.segment(quiet=False)

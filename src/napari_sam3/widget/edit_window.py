@@ -100,7 +100,7 @@ class EditWindow:
                 where[0] + rows.start, where[1] + cols.start)
             target = binder.target(self._labels)
             target.set_pixels(full, edited[changed])
-            session.wrote(int(edited.max()))
+            session.wrote(self._labels, int(edited.max()))
         name = self._labels.name
         self.close()
         session.status(f"Applied the edit window to '{name}': {n} px changed (Ctrl+Z undoes)"

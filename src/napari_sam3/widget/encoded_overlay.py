@@ -2,7 +2,8 @@
 
 One hideable Shapes layer per image ("SAM3 encoded tiles"), tagged like the other
 managed layers, redrawn when a click, a precompute or a propagation ends, when the
-slice or the model changes. Only tiled images get one (an untiled image is encoded
+slice or the model changes; one the user deletes is not made again for that image.
+Only tiled images get one (an untiled image is encoded
 whole on the first click). Reading it costs no pixels: the segmenter remembers which
 tiles it encoded (``Sam3Segmenter.encoded_tiles``).
 """
@@ -27,10 +28,20 @@ class EncodedOverlay(QObject):
         super().__init__(parent)
         self.session, self.runner, self.binder = session, runner, binder
         self._shown: tuple | None = None
+        self._dismissed: set = set()  # images whose outline layer the user deleted
         runner.changed.connect(self._on_runner_changed)
         binder.slice_changed.connect(self.update)
         binder.role_changed.connect(self._on_role_changed)
         session.model_changed.connect(self.update)
+        layers = binder.viewer.layers
+        layers.events.removed.connect(self._on_removed)
+        session.on_close(lambda: layers.events.removed.disconnect(self._on_removed))
+
+    def _on_removed(self, event) -> None:
+        layer = getattr(event, "value", None)
+        tag = tag_of(layer) if layer is not None else {}
+        if tag.get("role") == "encoded":
+            self._dismissed.add(tag.get("image"))
 
     def layer(self):
         image = self.binder.image_layer
@@ -70,7 +81,7 @@ class EncodedOverlay(QObject):
         if state == self._shown and layer is not None:
             return
         self._shown = state
-        if not boxes and layer is None:
+        if layer is None and (not boxes or image_key(src.layer) in self._dismissed):
             return
         rects = [np.array([[*lead, r0, c0], [*lead, r1, c1]], dtype=np.float64)
                  for r0, c0, r1, c1 in boxes]

@@ -13,7 +13,7 @@ import numpy as np
 from ..core import planes
 from . import layer_data
 from .errors import UserError
-from .image_source import unwrap
+from .image_source import same, unwrap
 from .labels_target import REGION_UNDO_PIXELS
 
 # Up to this many changed pixels a concept/everything write goes through napari's
@@ -82,8 +82,8 @@ def start_run(session, binder, task, threshold: float | None = None) -> None:
         spatial_shape=tuple(task.spatial_shape),
     )
     session.last_run = None
-    if write_run(session, binder, run, threshold):
-        session.last_run = run
+    if write_run(session, binder, run, threshold) and same(labels, binder.labels_layer):
+        session.last_run = run  # (a run of an image no longer chosen is written, not kept)
 
 
 def _currents(session, binder, run: InstanceRun) -> list | None:
@@ -213,7 +213,7 @@ def write_run(session, binder, run: InstanceRun, threshold: float | None) -> boo
     run.count = len(ids)
     run.ids = (min(ids), max(ids)) if ids else None
     if ids:
-        session.wrote(max(ids))
+        session.wrote(run.labels, max(ids))
         if (
             run.ids[0] <= session.object_id <= run.ids[1]
             and session.object_id not in binder.prompt_ids()

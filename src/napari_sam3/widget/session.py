@@ -56,7 +56,7 @@ class Session(QObject):
         self.model_lock = threading.Lock()  # one worker uses the model at a time
         self.tiling: tuple[int, int] | None = None  # (tile, overlap) chosen by the user
         self.cache_path: str | None = None  # embedding cache folder (None: memory only)
-        self.max_written = 0  # largest id written (labels too big to scan)
+        self._max_written = weakref.WeakKeyDictionary()  # labels layer -> largest id written
         self.closed = False
         self._object_id = 1
         self._post = PostSettings(DEFAULTS.max_hole_area, DEFAULTS.max_sprinkle_area, False)
@@ -162,8 +162,14 @@ class Session(QObject):
             self._last_run = run
             self.run_changed.emit(run)
 
-    def wrote(self, max_id: int) -> None:
-        self.max_written = max(self.max_written, int(max_id))
+    def wrote(self, labels, max_id: int) -> None:
+        """The widget wrote ids up to ``max_id`` into the layer ``labels``."""
+        labels = getattr(labels, "__wrapped__", labels)
+        self._max_written[labels] = max(self._max_written.get(labels, 0), int(max_id))
+
+    def max_written(self, labels) -> int:
+        """The largest id the widget wrote into ``labels`` (0: none)."""
+        return self._max_written.get(getattr(labels, "__wrapped__", labels), 0)
 
     # -- lifetime ------------------------------------------------------------------------------
     def on_close(self, callback) -> None:

@@ -109,7 +109,7 @@ class PropagationTask(LongTask):
         self.labels.refresh()
         self.written.add(int(result.index))
         self.done = len(self.written)
-        self.session.wrote(self.obj_id)
+        self.session.wrote(self.labels, self.obj_id)
         self.session.status(
             f"Propagating object {self.obj_id}: {self.done}/{self.total} slices "
             f"(slice {result.index})"

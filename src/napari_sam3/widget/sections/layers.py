@@ -124,7 +124,11 @@ class LayersSection(QWidget):
     def _on_channels_changed(self, *_) -> None:
         extra = [c.currentData() for c in self.channel_combos if c.currentData() is not None]
         image = self.binder.image_layer
+        before = self.binder.channels
         self.binder.channels = [image, *extra] if extra and image is not None else None
+        if [id(unwrap(ly)) for ly in before or ()] != [id(unwrap(ly)) for ly in
+                                                      self.binder.channels or ()]:
+            self.binder.role_changed.emit("channels")  # the model sees other pixels
         if self.binder.channels:
             names = " + ".join(unwrap(ly).name for ly in self.binder.channels)
             self.session.status(f"Model input: {names} as channels 1-{len(self.binder.channels)}")

@@ -64,7 +64,8 @@ class ObjectSection(QWidget):
         form.addRow(buttons)
         self.refine_button = QPushButton("Refine selected label")
         self.refine_button.setToolTip(
-            "Use the current object's pixels in the labels layer as a mask prompt"
+            "Segment the label selected in the labels layer again, with its pixels as "
+            "a mask prompt (add points or a box to correct it), then Commit"
         )
         self.refine_button.clicked.connect(self._on_refine_clicked)
         form.addRow(self.refine_button)
