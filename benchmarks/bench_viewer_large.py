@@ -339,9 +339,20 @@ def run(args, tmp: Path) -> dict:
           f"{[tuple(lv.shape) for lv in levels]}", flush=True)
 
     viewer = napari.Viewer(show=True)
-    _, widget = viewer.window.add_plugin_dock_widget("napari-sam3", "SAM3 segmentation")
     probe = EventLoopProbe()
     probe.start()
+    run_loop(lambda: True, settle_s=1.0)
+
+    def napari_layers():  # napari alone, before the plugin: the four kinds of layer we add
+        return [viewer.add_labels([np.zeros((1250, 1250), np.int32),
+                                   np.zeros((625, 625), np.int32)], multiscale=True),
+                viewer.add_labels(np.zeros((1, 1), np.int32)),
+                viewer.add_shapes(ndim=2), viewer.add_points(ndim=2)]
+
+    first = phase("4 layers added (napari alone)", probe, napari_layers, settle_s=2.0)
+    viewer.layers.clear()
+    run_loop(lambda: True, settle_s=1.0)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam3", "SAM3 segmentation")
     run_loop(lambda: True, settle_s=1.0)
     cache = "" if args.cache == "memory" else str(tmp / "cache")
     widget.cache_section.cache_edit.setText(cache)
@@ -358,7 +369,7 @@ def run(args, tmp: Path) -> dict:
     for spin, value in ((spins.tile_spin, args.tile), (spins.overlap_spin, args.overlap)):
         spin.setValue(value + 1)
         spin.setValue(value)
-    rows = []
+    rows = [first]
     binder = widget.binder
 
     def open_image():
@@ -397,6 +408,14 @@ def run(args, tmp: Path) -> dict:
 
     rows.append(phase("zoom in on the click (napari)", probe, zoom, settle_s=2.0))
 
+    def pan(k):  # napari's own cost of one frame here: the floor of any visible update
+        cam = viewer.camera if getattr(viewer, "scene", None) is None else viewer.scene.camera
+        cam.center = (float(r), float(c) + (k % 2))
+
+    for k in range(3):
+        rows.append(phase(f"redraw {k + 1}: pan 1 px (napari)", probe, lambda k=k: pan(k),
+                          settle_s=0.5))
+
     points = unwrap(binder.points_layer)
     clicks = widget.object_section.clicks
     seen: list[float] = []
@@ -405,7 +424,8 @@ def run(args, tmp: Path) -> dict:
         seen.append(time.perf_counter())
 
     preview = unwrap(binder.preview_layer)
-    preview.events.data.connect(on_preview)
+    preview.events.data.connect(on_preview)  # the data replaced (another tile)
+    preview.events.paint.connect(on_preview)  # or only its changed pixels written
 
     edits: list[float] = []
     jobs: list[float] = []
@@ -442,9 +462,19 @@ def run(args, tmp: Path) -> dict:
     info["tiling"] = (seg.tile_size, seg.overlap, seg.input_size)
     warm = []
     rng = np.random.default_rng(0)
+    profiler = None
+    if args.profile_clicks:  # the GUI thread only (cProfile follows the thread enabling it)
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     for i in range(args.warm_clicks):
         dr, dc = rng.integers(-60, 61, 2)
         warm.append(click_phase(f"warm click {i + 1} -> preview", (r + dr, c + dc)))
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(args.profile_clicks)
+        info["notes"].append(f"GUI-thread profile of the warm clicks: {args.profile_clicks}")
     rows += warm
     preview_obj = clicks.preview
     info["preview_px"] = int(np.count_nonzero(preview_obj.labels)) if preview_obj else 0
@@ -458,9 +488,11 @@ def run(args, tmp: Path) -> dict:
                                                      slice(c - 200, c + 200))
     rows.append(phase("commit", probe, widget.object_section.commit, lambda: not widget.busy))
     after_commit = count_id(widget, labels, obj_id, region)
-    rows.append(phase("undo (Ctrl+Z)", probe, lambda: undo(widget, labels)))
+    rows.append(phase("undo (Ctrl+Z)", probe, lambda: undo(widget, labels),
+                      lambda: not widget.busy))
     after_undo = count_id(widget, labels, obj_id, region)
-    rows.append(phase("redo (Ctrl+Shift+Z)", probe, lambda: undo(widget, labels, True)))
+    rows.append(phase("redo (Ctrl+Shift+Z)", probe, lambda: undo(widget, labels, True),
+                      lambda: not widget.busy))
     after_redo = count_id(widget, labels, obj_id, region)
     info["undo_check"] = {"committed_px": after_commit, "after_undo": after_undo,
                           "after_redo": after_redo,
@@ -470,6 +502,7 @@ def run(args, tmp: Path) -> dict:
     info["target"] = type(binder.target(labels)).__name__
     probe.stop()
     preview.events.data.disconnect(on_preview)
+    preview.events.paint.disconnect(on_preview)
     folder = binder.scratch.folder_of(labels)
     viewer.close()
     run_loop(lambda: True, settle_s=0.2)
@@ -557,6 +590,8 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: "
                                                         "torch's own)")
     ap.add_argument("--warm-clicks", type=int, default=5)
+    ap.add_argument("--profile-clicks", metavar="PATH",
+                    help="write a cProfile of the GUI thread during the warm clicks")
     ap.add_argument("--core-repeats", type=int, default=5)
     ap.add_argument("--tmp", help="folder for the image, model and cache (default: a new "
                                   "temporary folder, deleted at the end)")

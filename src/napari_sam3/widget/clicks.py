@@ -45,6 +45,22 @@ class Preview:
         return not self.lead and (r.start, r.stop, c.start, c.stop) == (0, h, 0, w)
 
 
+def _set_labels(layer, data: np.ndarray) -> None:
+    """Show ``data`` in the preview layer: same shape, only the changed pixels are written
+    (napari then redraws only their bounding box; no undo is kept for a preview), else
+    the data is replaced."""
+    layer = unwrap(layer)
+    old = layer.data
+    if not isinstance(old, np.ndarray) or old.shape != data.shape or old.dtype != data.dtype:
+        layer.data = data.copy()  # the layer's own: later writes change it in place
+        return
+    idx = np.nonzero(old != data)
+    if len(idx[0]):
+        layer.data_setitem(idx, data[idx])
+        layer._undo_history.clear()  # a preview has no undo (napari keeps one per write)
+        layer._redo_history.clear()
+
+
 def _where(lead: tuple) -> str:
     return f" on {layer_data.format_slice(lead)}" if lead else ""
 
@@ -289,13 +305,13 @@ class ClickSegmentation(QObject):
         translate = base + scale * origin
         layer = self.binder.preview_layer
         if layer is None or layer.ndim != ndim:
-            self.binder.new_preview(data, scale, translate)
+            self.binder.new_preview(data.copy(), scale, translate)
         else:
             if not np.allclose(layer.scale, scale):
                 layer.scale = scale
             if not np.allclose(layer.translate, translate):
                 layer.translate = translate
-            layer.data = data
+            _set_labels(layer, data)
         self.preview = st
 
     def _clear_stale_preview(self) -> None:
@@ -306,7 +322,7 @@ class ClickSegmentation(QObject):
         self.preview = None
         layer = self.binder.preview_layer
         if layer is not None and np.any(layer.data):
-            layer.data = np.zeros(layer.data.shape, np.int32)
+            _set_labels(layer, np.zeros(layer.data.shape, np.int32))
 
     # -- commit / refine -------------------------------------------------------------------------
     def commit(self) -> bool:
