@@ -178,11 +178,65 @@ def _add_image_options(p, cache_required: bool) -> None:
         "99.5th percentiles; a stack uses one pair for all slices; ignored for 8-bit RGB)",
     )
     p.add_argument(
+        "--exact-dtype",
+        action="store_true",
+        help="use only cached embeddings computed in this run's compute dtype (default: any; "
+        "e.g. bfloat16 entries from a GPU serve a float32 CPU run)",
+    )
+    p.add_argument(
         "--axis",
         type=_whole,
         metavar="A",
         default=None,
         help="stack axis of a 3D+ IMAGE (default: its only leading axis longer than 1, usually 0)",
+    )
+
+
+def _skip_range(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 255:
+        raise argparse.ArgumentTypeError(f"must be 0 to 255 levels, got {value}")
+    return value
+
+
+def _add_cluster_options(p) -> None:
+    """--scheduler/--workers (dask.distributed) and empty-tile skipping."""
+    from .core.distributed.cluster import DEFAULT_LOCAL_WORKERS
+    from .core.distributed.empty import DEFAULT_MAX_RANGE
+
+    group = p.add_argument_group("dask.distributed (tiles and images spread over workers)")
+    group.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="S",
+        help="run tiles on dask workers: 'local' (a LocalCluster for this run), slurm, pbs, "
+        "lsf or sge (dask-jobqueue, configured in ~/.config/dask/jobqueue.yaml), or the "
+        "address of a running scheduler (tcp://HOST:PORT); default: in this process",
+    )
+    group.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"worker processes (local, one thread each; default {DEFAULT_LOCAL_WORKERS}) or "
+        "jobs (slurm, pbs, lsf, sge; default 1)",
+    )
+    group.add_argument(
+        "--skip-empty",
+        type=_skip_range,
+        nargs="?",
+        const=DEFAULT_MAX_RANGE,
+        default=None,
+        metavar="X",
+        help="skip tiles whose pixels, as the model sees them (0-255), span at most X "
+        f"levels (default X: {DEFAULT_MAX_RANGE}); skipped tiles are reported",
+    )
+    group.add_argument(
+        "--skip-mask",
+        default=None,
+        metavar="MASK",
+        help="skip tiles with no nonzero pixel of MASK (an image of the plane, or a smaller "
+        "one scaled to it, e.g. a tissue mask on a thumbnail)",
     )
 
 
@@ -229,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
         "image",
         metavar="IMAGE",
         help="2D grayscale or RGB(A) image, or a 3D stack (.tif, .tiff, .png, .jpg, .npy, "
-        ".zarr; Zarr and OME-Zarr are read lazily)",
+        ".zarr; Zarr and OME-Zarr are read lazily); with --text/--exemplars or --everything "
+        "also a folder or a glob pattern of images (one output each under --out DIR)",
     )
     seg.add_argument(
         "--prompts",
@@ -241,7 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=None,
         metavar="OUT",
-        help="output labels: OUT.tif, OUT.tiff or OUT.zarr (required)",
+        help="output labels: OUT.tif, OUT.tiff or OUT.zarr (required); for a folder or "
+        "glob IMAGE, a folder DIR receiving one NAME.tif or NAME.zarr per image",
+    )
+    seg.add_argument(
+        "--out-format",
+        choices=("tif", "zarr"),
+        default=None,
+        help="format of each output of a folder or glob IMAGE (default: zarr); images "
+        "whose output exists are skipped unless --overwrite",
     )
     _add_model_options(seg)
     _add_image_options(seg, cache_required=False)
@@ -383,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="object score (logit) below which an object counts as absent on a slice (default: 0)",
     )
     seg.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    _add_cluster_options(seg)
     seg.set_defaults(func=cmd_segment)
 
     pre = sub.add_parser(
@@ -395,7 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
             "the image encoder."
         ),
     )
-    pre.add_argument("image", metavar="IMAGE", help="2D image or 3D stack (as for segment)")
+    pre.add_argument(
+        "image",
+        metavar="IMAGE",
+        help="2D image or 3D stack (as for segment), or a folder or glob pattern of them",
+    )
     _add_model_options(pre)
     _add_image_options(pre, cache_required=True)
     pre.add_argument(
@@ -406,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="only the tiles meeting rows R0:R1 and columns C0:C1 (default: the whole image)",
     )
+    _add_cluster_options(pre)
     pre.set_defaults(func=cmd_precompute)
 
     cache = sub.add_parser(

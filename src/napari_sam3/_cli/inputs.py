@@ -69,17 +69,36 @@ def read_image(path: str):
         raise CliError(e) from None
 
 
-def load_input(path: str, axis: int | None = None) -> Input:
+def read_for_workers(path: str):
+    """IMAGE for dask workers: a TIFF or Zarr file as a ``FileImage`` (workers read their
+    own tiles from it), anything else as ``read_image`` gives it (scattered once)."""
+    from pathlib import Path
+
+    from ..core import io
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in io.TIF_SUFFIXES + io.ZARR_SUFFIXES or not Path(path).exists():
+        return read_image(path)  # its errors, as without workers
+    from ..core.distributed import FileImage
+
+    try:
+        return FileImage(path)
+    except Exception as e:  # noqa: BLE001 - any reader failure is one line
+        raise CliError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from None
+
+
+def load_input(path: str, axis: int | None = None, for_workers: bool = False) -> Input:
     """Read IMAGE: 2D (Y, X) or (Y, X, C) with C <= 4, or a stack with leading axes.
 
     Leading axes of length 1 are dropped (fixed at index 0); one other leading axis is
-    the stack axis. Zarr arrays stay lazy: nothing is read here but metadata.
+    the stack axis. Zarr arrays stay lazy: nothing is read here but metadata; with
+    ``for_workers`` TIFF files too (see :func:`read_for_workers`).
     """
     import numpy as np
 
     from ..core.propagation import StackFrames
 
-    data = read_image(path)
+    data = read_for_workers(path) if for_workers else read_image(path)
     shape = tuple(int(s) for s in data.shape)
     kind = getattr(getattr(data, "dtype", None), "kind", None)
     if kind not in ("b", "u", "i", "f"):
@@ -131,9 +150,11 @@ def load_input(path: str, axis: int | None = None) -> Input:
     return Input(path, data, plane_shape, frames=frames, axis=axis, fixed=fixed)
 
 
-def input_from_args(args) -> Input:
-    """IMAGE along --axis, once --limits and --tile/--overlap are known to be usable."""
-    inp = load_input(args.image, args.axis)
+def input_from_args(args, image: str | None = None) -> Input:
+    """IMAGE (or ``image`` of a batch) along --axis, once --limits and --tile/--overlap
+    are known to be usable; read lazily for dask workers with --scheduler."""
+    inp = load_input(args.image if image is None else image, args.axis,
+                     for_workers=getattr(args, "scheduler", None) is not None)
     _check_limits(args.limits)
     _check_tiling(args)
     return inp

@@ -41,7 +41,7 @@ def _from_pretrained(load, model: str, args, cache: Path | None, on_cache_warnin
     """``load(model, **options)`` with the CLI's options; errors are one line, exit 2."""
     source = checked_model(model, args.device)  # before torch is imported
     try:
-        return load(
+        loaded = load(
             source,
             device=args.device,
             cache=cache,
@@ -52,6 +52,8 @@ def _from_pretrained(load, model: str, args, cache: Path | None, on_cache_warnin
         )
     except Exception as e:  # noqa: BLE001 - a broken checkpoint must not print a traceback
         raise _load_error(e, model) from None
+    loaded.exact_dtype = bool(getattr(args, "exact_dtype", False))
+    return loaded
 
 
 def load_segmenter(args, cache: Path | None, on_cache_warning, video: bool = False):

@@ -1,48 +1,79 @@
 """``precompute``: encode every tile of an image or stack (or of --region) into the
-embedding cache, so later clicks only run the small mask decoder."""
+embedding cache, so later clicks only run the small mask decoder. IMAGE may be a folder
+or a glob of images; with --scheduler the tiles are encoded on dask workers."""
 
 from __future__ import annotations
 
 import time
 
+from .batch import batch_images
 from .cache import MEMORY_ONLY, cache_path, cache_problem, human_bytes
+from .cluster import check_cluster_args, client_from_args, skip_rule, skipped_note
 from .errors import CliError, failed, reported_as_failed
 from .inputs import check_region, input_from_args, resolve_limits
 from .models import load_segmenter
 
+SHOWN_SKIPPED = 20  # skipped tiles listed one per line, then counted
+
 
 def cmd_precompute(args) -> int:
-    inp = input_from_args(args)
-    region = check_region(args.region, inp.plane_shape)
+    check_cluster_args(args)
+    images = batch_images(args.image)
+    paths = [str(p) for p in images] if images is not None else [args.image]
+    inputs = [input_from_args(args, p) for p in paths]
+    if images is not None and args.region is not None:
+        raise CliError("--region applies to one image, not to a folder or glob of images")
+    region = check_region(args.region, inputs[0].plane_shape)
     cache = cache_path(args.cache)
     if problem := cache_problem(cache):
         raise CliError(f"precompute needs a usable cache: {problem}")
-    limits = resolve_limits(inp, args.limits)
-
+    skip = skip_rule(args)
     problems: list[str] = []
     segmenter = load_segmenter(args, cache, problems.append)  # creates the cache
     if problems:
         raise CliError(f"precompute needs a usable cache: {problems[0].removesuffix(MEMORY_ONLY)}")
-    images = [inp.frames[k] for k in range(inp.depth)] if inp.is_stack else [inp.plane]
-    encoded = cached = 0
+    with client_from_args(args) as client:
+        for n, inp in enumerate(inputs, 1):
+            if images is not None:
+                print(f"image {n}/{len(inputs)}: {inp.path}", flush=True)
+            _precompute_one(segmenter, inp, args, region, client, skip, problems)
+    return 0
+
+
+def _precompute_one(segmenter, inp, args, region, client, skip, problems) -> None:
+    from ..core.distributed import PrecomputeReport, TileProgress
+
+    limits = resolve_limits(inp, args.limits)
+    planes = [inp.frames[k] for k in range(inp.depth)] if inp.is_stack else [inp.plane]
+    report = PrecomputeReport()
     t0 = time.perf_counter()
     with reported_as_failed("precompute"):
-        for k, image in enumerate(images, 1):
-            where = f"slice {k - 1} ({k}/{len(images)}) " if inp.is_stack else ""
-            for done, total, was_encoded in segmenter.precompute(image, limits, region):
+        for k, image in enumerate(planes, 1):
+            where = f"slice {k - 1} ({k}/{len(planes)}) " if inp.is_stack else ""
+            bar, n_skipped = None, 0
+            for done, total, was_encoded in segmenter.precompute(
+                    image, limits, region, client=client, skip=skip, report=report):
                 if problems:  # the cache became unusable, e.g. the disk is full
                     raise failed("precompute stopped: " + problems[0].removesuffix(MEMORY_ONLY))
-                encoded += was_encoded
-                cached += not was_encoded
                 state = "encoded" if was_encoded else "cached"
-                print(f"{where}tile {done}/{total} {state}", flush=True)
+                if len(report.skipped) > n_skipped:
+                    state, n_skipped = "skipped (empty)", len(report.skipped)
+                if client is None:
+                    print(f"{where}tile {done}/{total} {state}", flush=True)
+                else:
+                    bar = bar or TileProgress(total, where)
+                    bar.update(done, f" {state}")
     seconds = time.perf_counter() - t0
     store = segmenter.store
-    n = encoded + cached
+    n = report.encoded + report.cached + len(report.skipped)
     on = f" on {inp.depth} slices" if inp.is_stack else ""
     print(
         f"precomputed {n} tile{'s' if n != 1 else ''}{on} of a {inp.describe()}: "
-        f"{encoded} encoded, {cached} cached, in {seconds:.1f} s; cache {store.path}: "
+        f"{report.encoded} encoded, {report.cached} cached{skipped_note(report.skipped)}, "
+        f"in {seconds:.1f} s; cache {store.path}: "
         f"{len(store.disk_entries())} entries, {human_bytes(store.disk_bytes())} on disk"
     )
-    return 0
+    for box in report.skipped[:SHOWN_SKIPPED]:
+        print(f"skipped empty tile rows {box[0]}:{box[2]}, cols {box[1]}:{box[3]}")
+    if len(report.skipped) > SHOWN_SKIPPED:
+        print(f"... and {len(report.skipped) - SHOWN_SKIPPED} more empty tiles skipped")

@@ -3,6 +3,8 @@ then ``segment_prompts`` or ``segment_instances``."""
 
 from __future__ import annotations
 
+from .batch import batch_images, batch_outputs
+from .cluster import check_cluster_args, client_from_args, skip_rule
 from .errors import CliError
 from .inputs import input_from_args
 from .segment_instances import CONCEPT_OPTIONS, EVERYTHING_OPTIONS, segment_instances
@@ -55,6 +57,18 @@ def segment_mode(args) -> str:
 
 def cmd_segment(args) -> int:
     mode = segment_mode(args)  # first: "segment IMAGE" alone names the three modes
+    check_cluster_args(args)
+    if mode == "prompts" and (opts := _given(args, ("scheduler", "skip_empty", "skip_mask"))):
+        raise CliError(f"{', '.join(opts)} only apply with --text/--exemplars or --everything "
+                       "(and to precompute)")
+    images = batch_images(args.image)
+    if images is not None:
+        if mode == "prompts":
+            raise CliError("a folder or glob IMAGE works with --text/--exemplars and "
+                           "--everything; --prompts takes one image")
+        return segment_batch(args, mode, images)
+    if args.out_format is not None:
+        raise CliError("--out-format applies to a folder or glob IMAGE (one output per image)")
     if args.out is None:
         raise CliError("--out OUT is required (OUT.tif, OUT.tiff or OUT.zarr)")
     inp = input_from_args(args)
@@ -67,4 +81,28 @@ def cmd_segment(args) -> int:
         raise CliError(f"{', '.join(opts)} only apply with --propagate")
     if mode == "prompts":
         return segment_prompts(args, inp)
-    return segment_instances(args, mode, inp)
+    skip = skip_rule(args)
+    with client_from_args(args) as client:
+        return segment_instances(args, mode, inp, client=client, skip=skip)
+
+
+def segment_batch(args, mode: str, images) -> int:
+    """One output per image under --out DIR; images whose output exists are skipped
+    (unless --overwrite); the tiles of each image go to the workers with --scheduler."""
+    outs = batch_outputs(images, args.out, args.out_format)
+    todo = [(img, out) for img, out in zip(images, outs, strict=True)
+            if args.overwrite or not (out.exists() or out.is_symlink())]
+    for img, out in zip(images, outs, strict=True):
+        if (img, out) not in todo:
+            print(f"skipped {img}: {out} exists (--overwrite to redo it)", flush=True)
+    inputs = [input_from_args(args, str(img)) for img, _ in todo]  # all checked first
+    skip = skip_rule(args)
+    loaded: dict = {}
+    with client_from_args(args) as client:
+        for n, (inp, (_img, out)) in enumerate(zip(inputs, todo, strict=True), 1):
+            print(f"image {n}/{len(todo)}: {inp.path}", flush=True)
+            segment_instances(args, mode, inp, out_path=str(out), client=client,
+                              loaded=loaded, skip=skip)
+    print(f"{len(todo)} of {len(images)} images segmented into {args.out}"
+          f"{'' if len(todo) == len(images) else ' (the others were done)'}")
+    return 0

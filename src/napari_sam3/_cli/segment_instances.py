@@ -34,21 +34,26 @@ EVERYTHING_OPTIONS = (
 )
 
 
-def segment_instances(args, mode: str, inp: Input) -> int:
-    """``mode`` 'concept' or 'everything': labels and scores of every instance."""
+def segment_instances(args, mode: str, inp: Input, *, out_path: str | None = None,
+                      client=None, loaded: dict | None = None, skip=None) -> int:
+    """``mode`` 'concept' or 'everything': labels and scores of every instance of
+    ``inp`` written to ``out_path`` (default --out). ``client``: dask workers run the
+    tiles; ``loaded``: models kept over the images of a batch; ``skip``: EmptyTiles."""
+    loaded = {} if loaded is None else loaded
     boxes, box_labels = None, None
     if args.exemplars is not None:
         boxes, box_labels = load_exemplars(args.exemplars, inp)
-    out = check_output(args.out, args.image, args.overwrite)
-    csv_path = scores_path(out, args.image, args.overwrite)
+    out = check_output(args.out if out_path is None else out_path, inp.path, args.overwrite)
+    csv_path = scores_path(out, inp.path, args.overwrite)
     cache = optional_cache(args.cache)
     limits = resolve_limits(inp, args.limits)
     post = dict(max_hole_area=args.max_hole_area, max_sprinkle_area=args.max_sprinkle_area)
 
     if mode == "concept":
         threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-        model = load_concept(args, cache, warn)
-        options = dict(threshold=threshold, min_area=args.min_area or 0, **post)
+        model = loaded.get(mode) or loaded.setdefault(mode, load_concept(args, cache, warn))
+        options = dict(threshold=threshold, min_area=args.min_area or 0, client=client,
+                       skip=skip, **post)
         settings = {
             "text": args.text,
             "exemplars": boxes,
@@ -81,19 +86,21 @@ def segment_instances(args, mode: str, inp: Input) -> int:
             everything = replace(SETTINGS, **chosen, **post)
         except ValueError as e:
             raise CliError(f"--everything: {e}") from None
-        model = load_segmenter(args, cache, warn)
+        model = loaded.get(mode) or loaded.setdefault(mode, load_segmenter(args, cache, warn))
         settings = dict(everything.__dict__)
         n_steps = -(-(everything.points_per_side**2) // everything.points_per_batch)
 
         def run(image, progress):
             return generate_everything(
-                model, image, settings=everything, limits=limits, progress=progress
+                model, image, settings=everything, limits=limits, progress=progress,
+                client=client, skip=skip,
             )
 
     from ..core.instances import paint_in_sequence
 
     n_tiles = len(model.tiles(inp.frames[0] if inp.is_stack else inp.plane))
     rows: list[dict] = []
+    skipped: list[list[int]] = []
     labelled = 0
     with reported_as_failed("segmentation"), staging(out) as staged:
         labels = new_labels(staged, inp.labels_shape)
@@ -104,11 +111,14 @@ def segment_instances(args, mode: str, inp: Input) -> int:
             result = run(image, _tile_progress(where, n_tiles, n_steps))
             target = plane(labels, k) if inp.is_stack else labels
             next_id = paint_in_sequence([(result, target)], start_id=next_id)  # ids continue
+            skipped += [([k] if inp.is_stack else []) + list(b) for b in result.skipped]
             found = instance_rows(result.features, k if inp.is_stack else None)
             rows += found
             labelled += bool(found)
             if inp.is_stack:
                 print(f"slice {k} segmented: {_count(len(found), 'instance')}", flush=True)
+        if skip is not None:
+            settings["skipped_tiles"] = skipped  # [slice,] r0, c0, r1, c1 of each
         if csv_path is None:
             write_scores_attrs(staged, mode, settings, rows)
         else:
@@ -131,7 +141,8 @@ def segment_instances(args, mode: str, inp: Input) -> int:
         found = _count(len(rows), "object")
     on = f", on {labelled} of {inp.depth} slices" if inp.is_stack else ""
     scores = csv_path if csv_path is not None else f"{out} attributes (napari_sam3.core.instances)"
-    print(f"found {found} in a {inp.describe()}{on}; wrote {out}; scores in {scores}")
+    empty = f"; {_count(len(skipped), 'tile')} skipped as empty" if skip is not None else ""
+    print(f"found {found} in a {inp.describe()}{on}; wrote {out}; scores in {scores}{empty}")
     return 0
 
 

@@ -22,10 +22,10 @@ output of the ViT trunk (1024 x 72 x 72 for SAM3, 10.6 MB per tile in float16),
 the expensive part; the neck (a few convolutions) runs again on each use. That is
 five times smaller than caching the neck's three levels (55.7 MB per tile).
 
-Exemplar boxes are encoded (the geometry encoder pools image features inside the
-box) in the tile that holds them best, and those prompt tokens are reused on every
-other tile, so one box drawn around a cell finds similar cells across a whole
-slide. torch and transformers are imported inside functions only.
+Exemplar boxes are encoded (the geometry encoder pools image features inside the box)
+in the tile that holds them best, and those prompt tokens are reused on every other
+tile: one box around a cell finds similar cells across a slide. torch and transformers
+are imported inside functions only.
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ class ConceptResult(InstanceResult):
     nms_iou: float | None = None
     match_iou: float = 0.5
     painted: Painted | None = field(default=None, repr=False)
+    skipped: list = field(default_factory=list)  # boxes of tiles skipped as empty
 
     def instances(self, threshold: float | None = None) -> list[Instance]:
         """Instances scoring above ``threshold``, merged across tiles and cleaned."""
@@ -189,6 +190,15 @@ class _Prompt:
     text: str
     boxes: np.ndarray  # (N, 4) image (row0, col0, row1, col1)
     labels: np.ndarray  # (N,)
+
+
+def _make_prompt(text, exemplars, exemplar_labels, shape) -> _Prompt:
+    boxes, labels = _exemplar_array(exemplars, exemplar_labels, shape)
+    if text is None and not len(boxes):
+        raise PromptError("give a text prompt, exemplar boxes or both")
+    if text is not None and not str(text).strip():
+        raise PromptError("the text prompt is empty")
+    return _Prompt(str(text) if text is not None else "visual", boxes, labels)
 
 
 class ConceptSegmenter(TiledModel):
@@ -391,7 +401,8 @@ class ConceptSegmenter(TiledModel):
                min_score: float = DEFAULT_MIN_SCORE, threshold: float = DEFAULT_THRESHOLD,
                limits=None, min_area: int = 0, max_hole_area: int = CLEANUP.max_hole_area,
                max_sprinkle_area: int = CLEANUP.max_sprinkle_area, nms_iou: float | None = None,
-               match_iou: float = 0.5, progress: Callable | None = None) -> ConceptResult:
+               match_iou: float = 0.5, progress: Callable | None = None, client=None,
+               skip=None) -> ConceptResult:
         """Run the detector over ``image`` (2D, (H, W) or (H, W, C)) and keep every candidate.
 
         ``text``: a noun phrase ("nucleus"); ``exemplars``: boxes (row0, col0, row1, col1)
@@ -399,28 +410,48 @@ class ConceptSegmenter(TiledModel):
         (negative); give text, exemplars or both. Candidates scoring above
         ``min(min_score, threshold)`` are kept; ``threshold`` is the result's initial
         threshold. ``nms_iou``: optional mask NMS within a tile (SAM3 needs none).
-        ``progress(done, total)`` is called after each tile.
+        ``progress(done, total)`` after each tile; ``client``, ``skip``: as in
+        ``everything.generate_everything``.
         """
         shape = tuple(int(v) for v in image.shape[:2])
-        boxes, labels = _exemplar_array(exemplars, exemplar_labels, shape)
-        if text is None and not len(boxes):
-            raise PromptError("give a text prompt, exemplar boxes or both")
-        if text is not None and not str(text).strip():
-            raise PromptError("the text prompt is empty")
-        prompt = _Prompt(str(text) if text is not None else "visual", boxes, labels)
+        prompt = _make_prompt(text, exemplars, exemplar_labels, shape)
         floor = min(float(min_score), float(threshold))
-        grid, views = self._tile_views(image, limits)
-        text_feats, text_mask = self.text_embeds(prompt.text)
-        geometry = self._exemplar_tokens(prompt, grid, views)
-        found: list[Instance] = []
-        for done, (k, _tile, rgb, model_shape, valid, origin) in enumerate(views, 1):
-            vision = self.vision_embeds(rgb(), {"tile": list(origin)})
-            out = self._forward(vision, text_feats, text_mask, geometry)
-            found += self._instances(out, model_shape, valid, origin, k, floor)
-            if progress is not None:
-                progress(done, len(views))
+        grid = self.tiles(image)
+        if not grid.single:
+            limits = image_limits(image, limits)
+        if client is not None:
+            from .distributed.run import concept_candidates
+            found, skipped = concept_candidates(client, self, image, grid, prompt, limits,
+                                                floor, progress, skip)
+        else:
+            found, skipped, memo = [], [], {}
+            for k, t in enumerate(grid.tiles):
+                part = self.tile_candidates(image, prompt, k, limits, floor, skip, memo)
+                if part is None:
+                    skipped.append((t.r0, t.c0, t.r1, t.c1))
+                else:
+                    found += part
+                if progress is not None:
+                    progress(k + 1, len(grid))
         return ConceptResult(shape, grid, found, floor, float(threshold), int(min_area),
-                             int(max_hole_area), int(max_sprinkle_area), nms_iou, match_iou)
+                             int(max_hole_area), int(max_sprinkle_area), nms_iou, match_iou,
+                             skipped=skipped)
+
+    def tile_candidates(self, image, prompt: _Prompt, k: int, limits, floor: float,
+                        skip=None, memo: dict | None = None) -> list[Instance] | None:
+        """Candidates above ``floor`` on tile ``k`` (None: skipped as empty), here and on
+        workers; ``memo`` keeps an image's views, text and exemplar tokens over its tiles."""
+        memo = {} if memo is None else memo
+        grid, views = memo.get("views") or memo.setdefault("views", self._tile_views(image, limits))
+        if skip is not None and skip.empty(image, grid, grid.tiles[k], limits):
+            return None
+        if "geometry" not in memo:
+            memo["text"] = self.text_embeds(prompt.text)
+            memo["geometry"] = self._exemplar_tokens(prompt, grid, views)
+        _, _tile, rgb, model_shape, valid, origin = views[k]
+        vision = self.vision_embeds(rgb(), {"tile": list(origin)})
+        out = self._forward(vision, *memo["text"], memo["geometry"])
+        return self._instances(out, model_shape, valid, origin, k, floor)
 
     def _instances(self, out, model_shape, valid, origin, tile, floor) -> list[Instance]:
         """Candidates of one tile above ``floor``, as post_process_instance_segmentation."""

@@ -11,11 +11,15 @@ Layout of a store (a local folder)::
         0, 1, 2                   preprocessing, shapes, dtype and a checksum per array;
                                   each array (C, h, w) is a single chunk
       tmp/<key>.<uuid>/           entries being written
+      images/<image id>.json      what the last precompute of an image used (its
+                                  intensity limits), so another process, on another
+                                  machine or path, normalises that image the same way
 
 ``key`` is a hash of the tile's pixels as handed to the model (after
 normalisation and padding), the model fingerprint and the settings that change
-the features (input size, compute dtype, storage dtype), so an edited image,
-another model or other settings never get stale features.
+the features (input size, storage dtype; the compute dtype only when asked for:
+it is recorded in every entry), so an edited image, another model or other
+settings never get stale features.
 
 Whose files: a location is used only if it does not exist, is an empty folder, or
 already holds a store of ours (recognised by the marker in its ``zarr.json``); a
@@ -57,6 +61,7 @@ ORPHAN_AGE_S = 24 * 3600
 
 _KEY = re.compile(r"[0-9a-f]{16,128}")  # a hex digest, e.g. cache.content_key's
 _TMP = re.compile(r"(?:[0-9a-f]{16,128}\.|\.probe-)[0-9a-f]{32}")  # _write's, _open's
+_RECORD = re.compile(r"[0-9a-f]{32}\.json")  # images/<image_id>.json
 _NOT_OURS = "that is not a napari-sam3 embedding cache"
 _OS_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # a folder holding only these is empty
 
@@ -254,6 +259,8 @@ class EmbeddingStore:
             return 0
         for entry in self._entry_dirs():
             shutil.rmtree(entry, ignore_errors=True)
+        for record in self._record_files():
+            record.unlink(missing_ok=True)
         removed = self._remove_orphans()
         if self.format_problem is not None:
             self._write_marker(self.path)
@@ -280,7 +287,42 @@ class EmbeddingStore:
                 pass
         return sorted(found)
 
+    def put_record(self, image: str, record: dict) -> None:
+        """Remember ``record`` (JSON-able: e.g. the limits a precompute used) for the image
+        whose :func:`image_id` is ``image``; written by rename, the last writer wins."""
+        if self.path is None or not re.fullmatch(r"[0-9a-f]{32}", image):
+            return
+        folder = self.path / "images"
+        try:
+            folder.mkdir(exist_ok=True)
+            tmp = self.path / "tmp" / f"{image}.{uuid.uuid4().hex}"
+            tmp.write_text(json.dumps(_jsonable(record)), encoding="utf-8")
+            os.replace(tmp, folder / f"{image}.json")
+        except OSError:
+            pass  # a record is a convenience: the entries stay valid without it
+
+    def get_record(self, image: str) -> dict | None:
+        """The record of :meth:`put_record` for ``image``, or None."""
+        if self.path is None or not re.fullmatch(r"[0-9a-f]{32}", image):
+            return None
+        try:
+            found = json.loads((self.path / "images" / f"{image}.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) else None
+
     # -- disk -------------------------------------------------------------------------------
+    def has_records(self) -> bool:
+        """Whether any image record is stored (a directory listing, no reads)."""
+        folder = None if self.path is None else self.path / "images"
+        return folder is not None and folder.is_dir() and any(folder.iterdir())
+
+    def _record_files(self) -> list[Path]:
+        folder = None if self.path is None else self.path / "images"
+        if folder is None or not folder.is_dir():
+            return []
+        return [p for p in folder.iterdir() if _RECORD.fullmatch(p.name) and p.is_file()]
+
     def _entry_dirs(self) -> list[Path]:
         """Entries we wrote: key-named folders in ``tiles/`` with our entry attributes."""
         if self.path is None or not (self.path / "tiles").is_dir():
@@ -337,6 +379,31 @@ class EmbeddingStore:
             return None
         self.disk_reads += 1
         return feats
+
+
+def image_id(data, window: int = 64, grid: int = 4, planes: int = 8) -> str:
+    """A short identity of an image array (NumPy, Zarr, dask; any path): its shape,
+    dtype and the pixels of a fixed grid of small windows on up to ``planes`` leading
+    planes. The same pixels give the same id wherever the file lies; reads a few KB."""
+    shape = tuple(int(s) for s in data.shape)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{shape}{np.dtype(data.dtype).str}".encode())
+    rgb = len(shape) >= 3 and shape[-1] in (2, 3, 4)
+    yx = len(shape) - (3 if rgb else 2)
+    lead_shape = shape[:yx]
+    leads = [()]
+    if lead_shape:
+        flat = int(np.prod(lead_shape))
+        picks = np.unique(np.linspace(0, flat - 1, min(planes, flat)).astype(int))
+        leads = [tuple(int(v) for v in np.unravel_index(k, lead_shape)) for k in picks]
+    rows = np.unique(np.linspace(0, max(shape[yx] - window, 0), grid).astype(int))
+    cols = np.unique(np.linspace(0, max(shape[yx + 1] - window, 0), grid).astype(int))
+    for lead in leads:
+        for r in rows:
+            for c in cols:
+                a = np.ascontiguousarray(data[lead + (slice(r, r + window), slice(c, c + window))])
+                h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _reason(e: Exception) -> str:

@@ -208,6 +208,7 @@ class EverythingResult(InstanceResult):
     instances: list[Instance]  # merged across tiles and cleaned, by decreasing score
     settings: EverythingSettings
     painted: Painted | None = field(default=None, repr=False)
+    skipped: list = field(default_factory=list)  # boxes of tiles skipped as empty
     feature_keys: ClassVar[tuple[str, ...]] = FEATURE_KEYS
     min_score: ClassVar[float] = 0.0  # every instance is painted
 
@@ -237,60 +238,93 @@ def _settings(settings: EverythingSettings | None, overrides: dict) -> Everythin
     return EverythingSettings(**{**base.__dict__, **overrides})
 
 
+def tile_instances(segmenter, image, grid, k: int, limits, settings: EverythingSettings, *,
+                   progress: Callable | None = None, skip=None) -> list[Instance] | None:
+    """Every instance the point grid finds in tile ``k`` of ``grid`` (the whole image,
+    resized to the model input, when the grid is one tile), or None when ``skip`` (an
+    ``EmptyTiles``) finds the tile empty. The same step in this process and on workers."""
+    tile = grid.tiles[k]
+    if skip is not None and skip.empty(image, grid, tile, limits):
+        return None
+    if grid.single:
+        shape = tuple(int(v) for v in image.shape[:2])
+        emb, model_shape, valid, origin = segmenter.encode(image, limits), shape, shape, (0, 0)
+    else:
+        emb = segmenter.encode_tile(image, grid, tile, limits)
+        model_shape, valid, origin = grid.padded_shape(tile), tile.shape, (tile.r0, tile.c0)
+    return decode_tile(segmenter, emb, model_shape, valid, settings, offset=origin, tile=k,
+                       progress=progress)
+
+
 def generate_everything(segmenter, image, *, settings: EverythingSettings | None = None,
-                        limits=None, progress: Callable | None = None, **overrides
-                        ) -> EverythingResult:
+                        limits=None, progress: Callable | None = None, client=None,
+                        skip=None, **overrides) -> EverythingResult:
     """Find every object in a 2D image ((H, W) or (H, W, C); NumPy, Zarr or dask).
 
     Settings: an :class:`EverythingSettings` and/or its fields as keywords.
     ``progress(done, total)`` is called after each batch of points (raise from it to
     stop). Tiles already in the segmenter's caches are not encoded again.
+    ``client``: a ``distributed.Client``: tiles run on its workers, merged here (the
+    same labels as in this process at the same thread count); ``skip``: an
+    ``EmptyTiles`` rule (skipped tiles are listed in the result's ``skipped``).
     """
     s = _settings(settings, overrides)
     shape = tuple(int(v) for v in image.shape[:2])
     grid = segmenter.tiles(image)
+    if not grid.single:
+        limits = segmenter.resolve_limits(image, limits)
+    if client is not None:
+        from .distributed.run import everything_instances
+
+        found, skipped = everything_instances(client, segmenter, image, grid, limits, s,
+                                              progress, skip)
+    else:
+        found, skipped = _serial_instances(segmenter, image, grid, limits, s, progress, skip)
+    merged = merge_tiles(found, grid, match_iou=s.match_iou)
+    cleaned = clean_instances(merged, s.min_area, s.max_hole_area, s.max_sprinkle_area)
+    return EverythingResult(shape, cleaned, s, skipped=skipped)
+
+
+def _serial_instances(segmenter, image, grid, limits, s, progress, skip):
     n_batches = -(-s.points_per_side ** 2 // s.points_per_batch)
     total = len(grid) * n_batches
     found: list[Instance] = []
-    if grid.single:
-        tiles = [(0, None, segmenter.encode(image, limits), shape, shape, (0, 0))]
-    else:
-        limits = segmenter.resolve_limits(image, limits)
-        tiles = ((k, t, None, grid.padded_shape(t), t.shape, (t.r0, t.c0))
-                 for k, t in enumerate(grid.tiles))
-    for k, tile, emb, model_shape, valid_shape, origin in tiles:
-        if emb is None:
-            emb = segmenter.encode_tile(image, grid, tile, limits)
+    skipped = []
+    for k, tile in enumerate(grid.tiles):
         done = k * n_batches
         report = None if progress is None else (lambda i, _n, d=done: progress(d + i, total))
-        found += decode_tile(segmenter, emb, model_shape, valid_shape, s, offset=origin,
-                             tile=k, progress=report)
-    merged = merge_tiles(found, grid, match_iou=s.match_iou)
-    cleaned = clean_instances(merged, s.min_area, s.max_hole_area, s.max_sprinkle_area)
-    return EverythingResult(shape, cleaned, s)
+        part = tile_instances(segmenter, image, grid, k, limits, s, progress=report, skip=skip)
+        if part is None:
+            skipped.append((tile.r0, tile.c0, tile.r1, tile.c1))
+        else:
+            found += part
+    return found, skipped
 
 
 def segment_everything(segmenter, image, *, settings: EverythingSettings | None = None,
                        limits=None, out=None, overwrite: bool = False, rgb: bool | None = None,
-                       progress: Callable | None = None, **overrides) -> np.ndarray:
+                       progress: Callable | None = None, client=None, skip=None,
+                       **overrides) -> np.ndarray:
     """int32 instance labels of every object found in ``image`` (0: background).
 
     ``image``: (H, W), (H, W, C) with C <= 4, or a stack (Z, H, W[, C]) segmented slice
     by slice (ids unique across slices). ``rgb`` says whether the last axis is
     channels (default: the package's rule, see :mod:`napari_sam3.normalize`).
     ``out``: existing labels to add to (kept unless ``overwrite``; new ids above its
-    maximum). Keyword settings as in :class:`EverythingSettings`.
+    maximum). ``client``, ``skip``: see :func:`generate_everything`. Keyword settings as
+    in :class:`EverythingSettings`.
     """
     if is_stack(image, rgb):
         lim = stack_limits(image, limits, rgb)
 
         def detect(plane) -> EverythingResult:
             return generate_everything(segmenter, plane, settings=settings, limits=lim,
-                                       progress=progress, **overrides)
+                                       progress=progress, client=client, skip=skip,
+                                       **overrides)
 
         return segment_stack(detect, image, out, overwrite=overwrite)
     res = generate_everything(segmenter, image, settings=settings, limits=limits,
-                              progress=progress, **overrides)
+                              progress=progress, client=client, skip=skip, **overrides)
     return res.paint(out, overwrite=overwrite)
 
 
@@ -347,5 +381,5 @@ def segment_stack(detect: Callable[[object], InstanceResult], stack, out=None, *
 
 
 __all__ = ["EverythingSettings", "EverythingResult", "SETTINGS", "MAX_POINTS_PER_SIDE",
-           "point_grid", "decode_tile", "generate_everything", "segment_everything", "is_stack",
+           "point_grid", "decode_tile", "tile_instances", "generate_everything", "segment_everything", "is_stack",
            "stack_limits", "segment_stack"]

@@ -248,19 +248,19 @@ class Sam3Segmenter(TiledModel):
         """Boxes (r0, c0, r1, c1) of the encoded tiles: :func:`tile_keys.encoded_tiles`."""
         return tile_keys.encoded_tiles(self, image, limits, region, read)
 
-    def precompute(self, image, limits=None, region=None):
+    def precompute(self, image, limits=None, region=None, *, client=None, skip=None,
+                   report=None):
         """Encode every tile of ``image`` (or those meeting ``region`` = (r0, c0, r1, c1)).
 
         A generator yielding ``(done, total, encoded)`` after each tile, so callers can
         show progress and stop between tiles; tiles already cached are not encoded.
+        ``client``: a ``distributed.Client`` whose workers encode tiles into the shared
+        store; ``skip``, ``report``: see :mod:`napari_sam3.core.distributed`.
         """
-        limits = self.resolve_limits(image, limits)
-        grid = self.tiles(image)
-        todo = grid.tiles_in(region)
-        for i, tile in enumerate(todo, 1):
-            before = self.encoder_calls
-            self.encode_tile(image, grid, tile, limits)
-            yield i, len(todo), self.encoder_calls > before
+        from .distributed import iter_precompute
+
+        return iter_precompute(self, image, limits, region, client=client, skip=skip,
+                               report=report)
 
     # -- decoding ---------------------------------------------------------------------------
     def predict(self, embedding: ImageEmbedding, prompts: Sequence[ObjectPrompt]

@@ -119,7 +119,7 @@ def context(model, grid, tile, limits) -> tuple:
     """What besides the pixels changes a tile's key: limits, the padded shape, storage."""
     lim = None if limits is None else np.asarray(limits, dtype=np.float64)
     lim = None if lim is None else (lim.shape, tuple(lim.ravel().tolist()))
-    return lim, tuple(grid.padded_shape(tile)), model.feature_cache.storage
+    return lim, tuple(grid.padded_shape(tile)), model.feature_cache.storage, model.key_dtype
 
 
 def tile_key(model, image, grid, tile, limits, made: dict | None = None) -> str:

@@ -180,6 +180,9 @@ class TiledModel:
         # route prompts to already encoded tiles (see TileGrid.route): off by default, so
         # the API and CLI give masks that do not depend on the cache; the widget turns it on
         self.reuse_encoded = False
+        # cached features serve any compute dtype (it is recorded in each entry); True: only
+        # those computed in this model's dtype (e.g. no bfloat16 GPU entries on a CPU)
+        self.exact_dtype = False
 
     @property
     def input_size(self) -> int:
@@ -200,11 +203,19 @@ class TiledModel:
         """The in-memory LRU of recent features."""
         return self.feature_cache.memory
 
+    @property
+    def key_dtype(self) -> str | None:
+        """The compute dtype as part of cache keys: only with :attr:`exact_dtype`."""
+        return str(self.dtype) if self.exact_dtype else None
+
     def feature_key(self, rgb: np.ndarray, *kind) -> str:
-        """The cache key of the features of ``rgb``: its pixels, this model, its input size
-        and dtype, the storage dtype, and ``kind`` (which features, if not the tracker's)."""
-        return content_key(rgb, self.fingerprint, self.input_size, str(self.dtype),
-                           self.feature_cache.storage, *kind)
+        """The cache key of the features of ``rgb``: its pixels, this model (by content:
+        ``model_fingerprint``), its input size, the storage dtype, ``kind`` (which
+        features, if not the tracker's) and, with :attr:`exact_dtype`, the compute dtype.
+        Nothing in it depends on where the model, the image or the cache lies."""
+        extra = () if self.key_dtype is None else (self.key_dtype,)
+        return content_key(rgb, self.fingerprint, self.input_size,
+                           self.feature_cache.storage, *extra, *kind)
 
     def tiles(self, image) -> TileGrid:
         """The tile grid used for ``image`` (one tile when it fits in ``tile_size``)."""

@@ -69,6 +69,31 @@ def layer_limits(layer) -> tuple[float, float] | None:
     return tuple(float(v) for v in raw.contrast_limits)
 
 
+def automatic_contrast(layer) -> bool:
+    """Whether the layer still has the contrast limits napari gave it (its range)."""
+    raw = unwrap(layer)
+    return [float(v) for v in raw.contrast_limits] == [
+        float(v) for v in raw.contrast_limits_range]
+
+
+def recorded_contrast(layer, lookup) -> tuple[float, float] | None:
+    """The one rule for intensity limits that travel with the cache: the widget normalises
+    with the layer's contrast limits; when ``lookup(level-0 data)`` finds the limits that
+    image's last precompute recorded in the cache (a single pair) and the layer still has
+    napari's automatic contrast limits, those become its contrast limits (returned)."""
+    raw = unwrap(layer)
+    if layer_limits(raw) is None or not automatic_contrast(raw):
+        return None
+    found = lookup(level0(raw))
+    if found is None or np.ndim(found) != 1:
+        return None
+    found = (float(found[0]), float(found[1]))
+    if found == tuple(float(v) for v in raw.contrast_limits):
+        return None
+    raw.contrast_limits = found
+    return found
+
+
 def image_source(layer) -> ImageSource:
     """An image layer as the core sees it; LayerError for one that cannot be used."""
     raw = unwrap(layer)

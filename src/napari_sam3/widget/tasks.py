@@ -43,22 +43,28 @@ class LongTask:
 
 
 class PrecomputeTask(LongTask):
-    """Encode the tiles of ``(plane, limits, region)`` jobs ahead of clicks."""
+    """Encode the tiles of ``(plane, limits, region)`` jobs ahead of clicks; with a
+    ``scheduler`` address, on that dask scheduler's workers (same progress and Cancel)."""
 
     title = "precompute"
 
-    def __init__(self, session, planes: list):
+    def __init__(self, session, planes: list, scheduler: str | None = None):
         super().__init__(session)
         self.planes = planes
+        self.scheduler = scheduler or None
         self.encoded = 0
 
     def job(self, progress) -> tuple:
-        return jobs.precompute_job, self.session.segmenter, self.session.model_lock, self.planes
+        from ..core.distributed.run import precompute_planes
+
+        return (precompute_planes, self.session.segmenter, self.session.model_lock,
+                self.planes, self.scheduler)
 
     def on_yield(self, value) -> None:
         self.done, self.total, self.encoded = value
+        where = f" on {self.scheduler}" if self.scheduler else ""
         self.session.status(
-            f"Precomputing: {self.done}/{self.total} tiles "
+            f"Precomputing{where}: {self.done}/{self.total} tiles "
             f"({self.encoded} encoded, {self.done - self.encoded} already cached)"
         )
 

@@ -77,8 +77,17 @@ class CacheSection(QWidget):
         row.addWidget(self.precompute_combo)
         row.addWidget(self.precompute_button)
         form.addRow(row)
+        self.scheduler_edit = QLineEdit()
+        self.scheduler_edit.setPlaceholderText("optional: tcp://HOST:PORT")
+        self.scheduler_edit.setToolTip(
+            "Address of a running dask scheduler: Precompute then encodes the tiles on its "
+            "workers (the cache folder must be one they can write); empty: in napari"
+        )
+        form.addRow("Scheduler", self.scheduler_edit)
         self._on_cache_edited(self.cache_edit.text())
         session.model_changed.connect(self._on_model_changed)
+        session.model_changed.connect(self._on_role_changed)
+        binder.role_changed.connect(self._on_role_changed)
         runner.task_started.connect(lambda *_: self.precompute_button.setEnabled(False))
         runner.task_finished.connect(lambda *_: self.precompute_button.setEnabled(True))
 
@@ -108,6 +117,31 @@ class CacheSection(QWidget):
             self.overlap_spin.setValue(int(segmenter.overlap))
         finally:
             self._showing_model = False
+
+    @guarded
+    def _on_role_changed(self, role) -> None:
+        """The image or the model changed: adopt the image's recorded limits, if any."""
+        if role == "image" or not isinstance(role, str):
+            self.adopt_recorded_limits()
+
+    def adopt_recorded_limits(self) -> bool:
+        """Give the chosen image the intensity limits its last precompute recorded in the
+        cache (CLI, API or widget, on any machine and path), so its tiles are found: only
+        while the layer has napari's automatic contrast limits (never ones you set)."""
+        from ...core.distributed import recorded_limits
+        from ..image_source import recorded_contrast
+
+        seg, layer = self.session.segmenter, self.binder.image_layer
+        if seg is None or layer is None or self.binder.channels:
+            return False
+        try:
+            found = recorded_contrast(layer, lambda data: recorded_limits(seg.store, data))
+        except Exception:  # noqa: BLE001 - unreadable data: the layer's own limits stay
+            return False
+        if found is not None:
+            self.session.status(f"Intensity limits {found[0]:g}-{found[1]:g} of this image's "
+                                "precompute (from the cache): its encoded tiles are reused")
+        return found is not None
 
     def precompute(self, scope: str | None = None) -> bool:
         """Encode tiles ahead of clicks in a worker, with progress and Cancel.
@@ -142,7 +176,7 @@ class CacheSection(QWidget):
             session.report(f"SAM3: {exc}")
             return False
         session.status(f"Precomputing ({scope})...")
-        self.runner.start(PrecomputeTask(session, jobs))
+        self.runner.start(PrecomputeTask(session, jobs, self.scheduler_edit.text().strip()))
         return True
 
     @guarded
