@@ -233,3 +233,40 @@ def test_zarr_image_routes_like_numpy(base, image, tmp_path):
     seg.predict_objects(arr, [point(FIRST)], LIMITS)
     obj = seg.predict_objects(arr, [point(INSIDE_A)], LIMITS)[0]
     assert seg.encoder_calls == 1 and obj.tile == A
+
+
+def test_a_warm_click_decodes_with_a_core_left_to_napari(base, image, monkeypatch):
+    """The widget's click job: a prompt in an encoded tile is decoded with one torch
+    thread fewer (napari's GUI thread draws meanwhile); an encoding click keeps them all;
+    the process's thread count is restored either way."""
+    import threading
+
+    import torch
+
+    from napari_sam3.widget import jobs
+
+    seg = fresh(base)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # as on a 3-core machine
+    set_threads = []
+    monkeypatch.setattr(torch, "set_num_threads", set_threads.append)
+
+    def click(point):
+        req = jobs.ClickRequest(image=image, lead=(), spatial_shape=image.shape,
+                                limits=LIMITS, prompt=ObjectPrompt(points=[point]), obj_id=4,
+                                max_hole_area=0, max_sprinkle_area=0, image_layer=None,
+                                ignored=0)
+        steps = jobs.segment_job(seg, threading.Lock(), req)
+        names = []
+        try:
+            while True:
+                names.append(next(steps))
+        except StopIteration as stop:
+            obj, labels = stop.value
+        return names, obj, labels
+
+    names, obj, labels = click(FIRST)  # nothing encoded: the encoder runs, all threads
+    assert "encoding" in names and seg.encoder_calls == 1 and set_threads == []
+    names, obj, labels = click(FIRST)  # its tile is encoded: 2 threads, then 3 again
+    assert "encoding" not in names and seg.encoder_calls == 1
+    assert set_threads == [2, 3] and set(np.unique(labels)) <= {0, 4}
+    assert jobs.decode_threads(2) == 1 and jobs.decode_threads(16) == 4

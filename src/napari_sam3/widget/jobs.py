@@ -3,6 +3,7 @@ generators (no Qt, no napari; each yield is a point where Cancel can stop them).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -53,6 +54,45 @@ def locked(gen, lock):
         gen.close()
 
 
+def decode_threads(total: int) -> int:
+    """Torch threads for a click whose embedding is cached, on the CPU: one core is left
+    to napari's GUI thread, which draws while the decoder runs (on 2 cores, 2 threads
+    and the GUI thread stall each other: warm clicks measured ~2x slower, BENCHMARKS.md);
+    the small decoder gains nothing from more than 4."""
+    return max(1, min(4, int(total) - 1))
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run with ``n`` torch intra-op threads (None: as they are), restored after."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _warm(segmenter, req: ClickRequest, single: bool) -> bool:
+    """The click's embedding is cached: the whole image's, or an encoded tile holds the
+    prompt (what the tile routing then uses)."""
+    if single:
+        return segmenter.cached_embedding(req.image, req.limits) is not None
+    from ..core.prompts import prompt_bbox
+
+    r0, c0, r1, c1 = prompt_bbox(req.prompt)
+    return any(b[0] <= r0 and b[1] <= c0 and r1 <= b[2] and c1 <= b[3]
+               for b in segmenter.encoded_tiles(req.image, req.limits))
+
+
 def segment_job(segmenter, lock, req: ClickRequest):
     """Generator run in a worker thread; each yield is a point where Cancel can stop it."""
     from ..core.postprocess import masks_to_labels
@@ -60,10 +100,15 @@ def segment_job(segmenter, lock, req: ClickRequest):
     yield "cache"
     with lock:
         single = segmenter.tiles(req.image).single
-        cached = single and segmenter.cached_embedding(req.image, req.limits) is not None
+        cached = _warm(segmenter, req, single)
     if not cached:
         yield "encoding"
-    with lock:
+    threads = None
+    if cached and str(segmenter.device) == "cpu":
+        import torch
+
+        threads = decode_threads(torch.get_num_threads())
+    with lock, torch_threads(threads):
         obj = segmenter.predict_objects(req.image, [req.prompt], req.limits)[0]
     yield "post-processing"
     labels = masks_to_labels(
