@@ -486,7 +486,16 @@ def run(args, tmp: Path) -> dict:
     obj_id = widget.session.object_id
     region = preview_obj.region if preview_obj else (slice(r - 200, r + 200),
                                                      slice(c - 200, c + 200))
+    profiler = None
+    if args.profile_clicks:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     rows.append(phase("commit", probe, widget.object_section.commit, lambda: not widget.busy))
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(args.profile_clicks + ".commit")
     after_commit = count_id(widget, labels, obj_id, region)
     rows.append(phase("undo (Ctrl+Z)", probe, lambda: undo(widget, labels),
                       lambda: not widget.busy))
@@ -591,7 +600,8 @@ def main(argv=None) -> int:
                                                         "torch's own)")
     ap.add_argument("--warm-clicks", type=int, default=5)
     ap.add_argument("--profile-clicks", metavar="PATH",
-                    help="write a cProfile of the GUI thread during the warm clicks")
+                    help="write a cProfile of the GUI thread during the warm clicks (and "
+                         "PATH.commit: during the commit)")
     ap.add_argument("--core-repeats", type=int, default=5)
     ap.add_argument("--tmp", help="folder for the image, model and cache (default: a new "
                                   "temporary folder, deleted at the end)")

@@ -383,6 +383,11 @@ class LayerBinder(QObject):
         data = raw.data[0] if raw.multiscale else raw.data
         if not isinstance(data, np.ndarray) and int(np.prod(data.shape)) > scratch_labels.LARGE_PIXELS:
             return self.session.max_written(raw)
+        if raw.multiscale:
+            try:
+                self.target(raw).wait()  # its writes may still be landing
+            except UserError:
+                pass  # not a pyramid we write: nothing of ours is landing
         arr = np.asarray(data)
         return max(int(arr.max()) if arr.size else 0, 0)
 

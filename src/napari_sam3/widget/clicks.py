@@ -55,7 +55,9 @@ def _set_labels(layer, data: np.ndarray) -> None:
         layer.data = data.copy()  # the layer's own: later writes change it in place
         return
     idx = np.nonzero(old != data)
-    if len(idx[0]):
+    if len(idx[0]) > data.size // 8:  # most of it: replacing is cheaper
+        layer.data = data.copy()
+    elif len(idx[0]):
         layer.data_setitem(idx, data[idx])
         layer._undo_history.clear()  # a preview has no undo (napari keeps one per write)
         layer._redo_history.clear()
@@ -168,7 +170,8 @@ class ClickSegmentation(QObject):
         if self.mask_prompt is not None and self.mask_prompt[0] != obj_id:
             self.mask_prompt = None
         self.runner.supersede()
-        self.clear_preview()
+        if self.preview is not None:  # (after a commit the layer clears once it landed)
+            self.clear_preview()
         if obj_id in self.binder.prompt_ids():
             self.schedule()
 
@@ -365,15 +368,13 @@ class ClickSegmentation(QObject):
             return False
         from ..core.postprocess import paste_object
 
-        crop = target.read(st.lead + st.region)
+        key = st.lead + st.region
+        crop = target.read(key)
         idx, values = paste_object(crop, st.mask, obj_id, overwrite=session.post.overwrite)
         if len(idx[0]):
-            n = len(idx[0])
-            full = tuple(np.full(n, v, dtype=np.intp) for v in st.lead) + (
-                idx[0] + st.region[0].start,
-                idx[1] + st.region[1].start,
-            )
-            target.set_pixels(full, values)
+            new = crop.copy()
+            new[idx] = values
+            target.write_region(key, crop, new)
         session.wrote(labels, obj_id)
         written = int(np.count_nonzero(values == obj_id))
         binder.remove_prompts(obj_id, st.lead)

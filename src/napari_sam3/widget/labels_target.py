@@ -11,7 +11,8 @@
 
 Both have ``layer``, ``shape``, ``dtype``, ``data`` (full-resolution, writable
 array-like: writes through it are not recorded), ``read(key)``, ``set_pixels(indices,
-values)`` (one undo step; returns whether it is undoable), ``step(max_pixels)`` (an
+values)`` and ``write_region(key, old, new)`` (one undo step each; they return whether
+it is undoable), ``step(max_pixels)`` (an
 undo step to fill over time: ``record(key, old, new)``, ``too_large``), ``refresh()``,
 ``when_landed(call)`` (runs once the writes show), ``undo()`` and ``redo()``.
 """
@@ -48,6 +49,22 @@ class NapariLabels:
 
     def set_pixels(self, indices, values) -> bool:
         self.layer.data_setitem(indices, values)
+        return True
+
+    def write_region(self, key: tuple, old: np.ndarray, new: np.ndarray) -> bool:
+        """Replace ``old`` (what ``read(key)`` gave) by ``new`` over ``key`` (ints, then
+        slices) as one undo step: napari's ``data_setitem`` of the changed pixels."""
+        where = np.nonzero(old != new)
+        n = len(where[0])
+        if n:
+            full, j = [], 0
+            for k in key:
+                if isinstance(k, slice):
+                    full.append(where[j] + (k.start or 0))
+                    j += 1
+                else:
+                    full.append(np.full(n, int(k), dtype=np.intp))
+            self.layer.data_setitem(tuple(full), new[where])
         return True
 
     def step(self, max_pixels: int) -> UndoStep:
@@ -146,6 +163,16 @@ class PyramidLabels:
             new[rr - r0, cc - c0] = values[sel]
             step.record(key, old, new)
             self.pyramid.write(key, new)
+        self.refresh()
+        return not step.too_large
+
+    def write_region(self, key: tuple, old: np.ndarray, new: np.ndarray) -> bool:
+        """Replace ``old`` (what ``read(key)`` gave) by ``new`` over ``key`` as one step:
+        the region is written whole at every level (no per-pixel indices)."""
+        key = self.pyramid.full_key(key)
+        step = self.step(REGION_UNDO_PIXELS)
+        step.record(key, old, new)
+        self.pyramid.write(key, new)
         self.refresh()
         return not step.too_large
 
