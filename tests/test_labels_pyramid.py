@@ -426,3 +426,20 @@ def test_widget_pyramid_stack_propagation_is_one_step_at_every_level(
     key(viewer, qtbot, labels, "Z", "Control")
     key(viewer, qtbot, labels, "Z", "Control")
     assert not any(lv.any() for lv in levels())
+
+
+def test_largest_label_reads_chunk_by_chunk(tmp_path):
+    import dask.array as da
+    import zarr
+
+    from napari_sam3.core.planes import largest_label
+
+    z = zarr.create_array(tmp_path / "l.zarr", shape=(3, 70, 90), chunks=(1, 32, 32),
+                          dtype=np.int32, fill_value=0)
+    z[2, 69, 89] = 17  # the very last chunk
+    z[0, 3, 3] = 5
+    steps = []
+    assert largest_label(z, progress=lambda d, t: steps.append((d, t))) == 17
+    assert steps[-1] == (27, 27) and len(steps) == 27  # 3 x 3 x 3 chunks, one read each
+    assert largest_label(da.from_array(np.asarray(z[...]), chunks=(1, 40, 40))) == 17
+    assert largest_label(np.full((4, 4), -3, np.int32)) == 0

@@ -475,3 +475,30 @@ def test_choosing_a_labels_layer_continues_above_its_ids_and_bad_channels_are_on
     assert not notes.since("error")
     choose_image(widget, qtbot, other)  # another image: its channels start empty again
     assert widget.binder.channels is None and channel.currentIndex() == 0
+
+
+def test_a_large_lazy_labels_layer_is_scanned_for_its_largest_id_before_ids_are_given(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
+    import zarr
+
+    from napari_sam3.widget import scratch_labels
+
+    monkeypatch.setattr(scratch_labels, "LARGE_PIXELS", 1000)  # 40 x 60 counts as large
+    viewer, widget = dock(make_napari_viewer)
+    image = viewer.add_image(np.zeros((40, 60), np.float32), name="cells")
+    choose_image(widget, qtbot, image)
+    wait_idle(widget, qtbot)
+    # a Zarr label image from elsewhere (say, Cellpose), its largest id in the last chunk
+    store = zarr.create_array(tmp_path / "cellpose.zarr", shape=(40, 60), chunks=(16, 16),
+                              dtype=np.int32, fill_value=0)
+    store[2:5, 2:5] = 3
+    store[35:39, 50:58] = 41
+    theirs = viewer.add_labels(store, name="cellpose")
+    combo = widget.layers_section.labels_combo
+    combo.setCurrentIndex(combo.findText("cellpose"))
+    assert unwrap(widget.binder.labels_layer) is theirs
+    wait_idle(widget, qtbot)  # the scan ran in a worker
+    assert widget.binder.largest.known(theirs) == 41
+    assert widget.session.object_id == 42  # above every id the layer holds
+    assert "Largest id in 'cellpose': 41" in widget.status

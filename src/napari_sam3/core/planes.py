@@ -150,3 +150,35 @@ def digest(arr) -> bytes:
     h.update(f"{a.shape}{a.dtype.str}".encode())
     h.update(a.tobytes())
     return h.digest()
+
+
+def largest_label(data, progress=None) -> int:
+    """The largest value of a labels array of any size (NumPy, Zarr, dask), read chunk by
+    chunk (blocks of ~64 MB for arrays without chunks); 0 for an empty or all-negative
+    one. ``progress(done, total)`` after each block."""
+    shape = tuple(int(s) for s in data.shape)
+    if not shape or 0 in shape:
+        return 0
+    if isinstance(data, np.ndarray):
+        return max(int(data.max()), 0)
+    chunks = getattr(data, "chunks", None)
+    if chunks and isinstance(chunks[0], tuple):  # dask: per-axis block sizes
+        chunks = tuple(max(c) for c in chunks)
+    if not chunks or len(chunks) != len(shape):
+        rows = max(1, (64 << 20) // max(1, int(np.prod(shape[1:])) * 4))
+        chunks = (min(rows, shape[0]),) + shape[1:]
+    # whole chunks along the last two axes at a time, one leading index per block
+    step = tuple(int(c) for c in chunks)
+    blocks = [range(0, s, c) for s, c in zip(shape, step, strict=True)]
+    import itertools
+
+    starts = list(itertools.product(*blocks))
+    top = 0
+    for i, start in enumerate(starts, 1):
+        key = tuple(slice(a, min(a + c, s)) for a, c, s in zip(start, step, shape, strict=True))
+        block = np.asarray(data[key])
+        if block.size:
+            top = max(top, int(block.max()))
+        if progress is not None:
+            progress(i, len(starts))
+    return top

@@ -21,6 +21,7 @@ from . import image_source, layer_data, prompt_layers, scratch_labels
 from .errors import UserError, guarded
 from .image_source import ImageSource, same, unwrap
 from .labels_target import LabelTargets
+from .largest_ids import LargestIds
 from .scratch_labels import ScratchFolders, new_labels_data
 
 POINTS_NAME = "SAM3 points"
@@ -87,6 +88,8 @@ class LayerBinder(QObject):
         self._non_rect_exemplars = 0
         self.scratch = ScratchFolders(viewer.layers, _offer_delete)
         self.targets = LabelTargets(viewer.layers)
+        self.largest = LargestIds(session, self)
+        self.largest.found.connect(self._on_largest_found)
         self._ensure_timer = QTimer(self)
         self._ensure_timer.setSingleShot(True)
         self._ensure_timer.setInterval(0)
@@ -126,7 +129,7 @@ class LayerBinder(QObject):
 
     @property
     def busy(self) -> bool:
-        return self._ensure_timer.isActive() or self.targets.pending
+        return self._ensure_timer.isActive() or self.targets.pending or self.largest.busy
 
     def candidates(self, role: str) -> list:
         """The layers that can play ``role`` (labels: not a preview or an edit window)."""
@@ -187,6 +190,9 @@ class LayerBinder(QObject):
             self._release(role, old)
         if layer is None:
             return
+        if role == "labels" and self._lazy_foreign(layer):
+            raw = unwrap(layer)
+            self.largest.start(raw, raw.data[0] if raw.multiscale else raw.data)
         if role == "image":
             self._ensure_timer.start()
         elif role == "points":
@@ -373,16 +379,36 @@ class LayerBinder(QObject):
         return labels
 
     def target(self, labels):
-        """How the widget reads and writes ``labels`` (see :mod:`.labels_target`)."""
+        """How the widget reads and writes ``labels`` (see :mod:`.labels_target`); a layer
+        whose largest id is still being read is not written into yet."""
+        if self.largest.scanning(labels):
+            raise UserError(f"still reading the largest id of '{unwrap(labels).name}' (so new "
+                            "ids do not collide with its labels): try again in a moment")
         return self.targets.of(labels)
 
+    @staticmethod
+    def _large_lazy(raw) -> bool:
+        data = raw.data[0] if raw.multiscale else raw.data
+        return (not isinstance(data, np.ndarray)
+                and int(np.prod(data.shape)) > scratch_labels.LARGE_PIXELS)
+
+    def _lazy_foreign(self, layer) -> bool:
+        """A large lazy labels layer the widget did not make (its ids are unknown)."""
+        raw = unwrap(layer)
+        return self._large_lazy(raw) and self.scratch.folder_of(raw) is None
+
+    def _on_largest_found(self, raw, top: int) -> None:
+        if same(raw, self.labels_layer):
+            self.session.object_id = max(self.session.object_id, self.next_object_id())
+
     def max_label(self, labels) -> int:
-        """Largest id in a labels layer; a huge lazy one is not scanned (the widget's own
-        writes count then); a multiscale one is read at full resolution."""
+        """Largest id in a labels layer; a huge lazy one is read once, chunk by chunk in a
+        worker, when chosen (``largest``), and the widget's own writes count; a multiscale
+        one is read at full resolution."""
         raw = unwrap(labels)
         data = raw.data[0] if raw.multiscale else raw.data
-        if not isinstance(data, np.ndarray) and int(np.prod(data.shape)) > scratch_labels.LARGE_PIXELS:
-            return self.session.max_written(raw)
+        if self._large_lazy(raw):
+            return max(self.session.max_written(raw), self.largest.known(raw) or 0)
         if raw.multiscale:
             try:
                 self.target(raw).wait()  # its writes may still be landing
