@@ -50,8 +50,17 @@ def test_cli_precompute_copied_cache_clicked_in_the_widget_encodes_nothing(
     layer = viewer.add_image(tifffile.imread(laptop / "cells.tif"), name="cells")
     qtbot.waitUntil(lambda: widget.binder.points_layer is not None, timeout=5000)
     wait_idle(widget, qtbot)
-    assert tuple(layer.contrast_limits) != (0.0, 9000.0)  # the recorded limits, not napari's
-    assert "precompute" in widget.status
+    # the recorded limits are offered, not imposed: nothing changes until "Use them"
+    from napari.utils.notifications import notification_manager
+
+    auto = tuple(layer.contrast_limits_range)
+    assert tuple(layer.contrast_limits) == auto
+    record = next(r for r in reversed(notification_manager.records)
+                  if "recorded in the cache" in str(r.message))
+    (name, use), = record.actions
+    assert name == "Use them" and "precompute" in widget.status
+    use(record)
+    assert tuple(layer.contrast_limits) != auto  # the recorded limits, not napari's
     points = unwrap(widget.binder.points_layer)
     for row, col in ((40, 40), (100, 130), (160, 220)):
         widget.object_section.new_object()

@@ -156,6 +156,19 @@ def largest_label(data, progress=None) -> int:
     """The largest value of a labels array of any size (NumPy, Zarr, dask), read chunk by
     chunk (blocks of ~64 MB for arrays without chunks); 0 for an empty or all-negative
     one. ``progress(done, total)`` after each block."""
+    steps = iter_largest_label(data)
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(done, total)
+
+
+def iter_largest_label(data):
+    """:func:`largest_label` as a generator: yields ``(done, total)`` blocks, returns the
+    largest value (a worker can stop it between blocks)."""
     shape = tuple(int(s) for s in data.shape)
     if not shape or 0 in shape:
         return 0
@@ -179,6 +192,5 @@ def largest_label(data, progress=None) -> int:
         block = np.asarray(data[key])
         if block.size:
             top = max(top, int(block.max()))
-        if progress is not None:
-            progress(i, len(starts))
+        yield i, len(starts)
     return top

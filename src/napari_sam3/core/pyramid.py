@@ -204,7 +204,7 @@ class QueuedPyramid(Pyramid):
 
     ``on_written(error)`` runs in the writer thread each time the queue empties
     (``error``: the first exception among those writes, else None); :meth:`wait` blocks
-    until the queue is empty and raises that error.
+    until the queue is empty and raises that error when no ``on_written`` reported it.
     """
 
     def __init__(self, levels: Sequence, n_lead: int | None = None):
@@ -248,11 +248,14 @@ class QueuedPyramid(Pyramid):
             if error is not None and self._error is None:
                 self._error = error
             drained = self._queued == 0
+            callback = self.on_written if drained else None
             report = self._error
+            if callback is not None:
+                self._error = None  # reported there, not raised again by wait()
             if drained:
                 self._idle.set()
-        if drained and self.on_written is not None:
-            self.on_written(report)
+        if callback is not None:
+            callback(report)
 
     def wait(self) -> None:
         """Block until every queued write has landed; raise the first that failed."""
@@ -279,6 +282,7 @@ _QUEUED: weakref.WeakSet[QueuedPyramid] = weakref.WeakSet()
 
 def wait_for_writes() -> None:
     """Block until the queued writes of every :class:`QueuedPyramid` have landed (before
-    anything reads their levels directly, e.g. a writer saving the layer)."""
+    anything reads their levels directly, e.g. a writer saving the layer); their errors
+    stay with their own pyramid."""
     for pyramid in list(_QUEUED):
-        pyramid.wait()
+        pyramid._idle.wait()

@@ -189,8 +189,9 @@ class RegionHistory:
         """Revert the newest step; False when there is none."""
         if not self.undo_items:
             return False
-        item = self.undo_items.pop()
-        self._swap(item, reversed)
+        item = self.undo_items[-1]
+        self._swap(item, reversed)  # (a read that fails leaves the step where it was)
+        self.undo_items.pop()
         self.redo_items.append(item)
         self.refresh()
         return True
@@ -199,8 +200,9 @@ class RegionHistory:
         """Write the last undone step again; False when there is none."""
         if not self.redo_items:
             return False
-        item = self.redo_items.pop()
+        item = self.redo_items[-1]
         self._swap(item, iter)
+        self.redo_items.pop()
         self.undo_items.append(item)
         self.refresh()
         return True

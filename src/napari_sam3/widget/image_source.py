@@ -80,7 +80,9 @@ def recorded_contrast(layer, lookup) -> tuple[float, float] | None:
     """The one rule for intensity limits that travel with the cache: the widget normalises
     with the layer's contrast limits; when ``lookup(level-0 data)`` finds the limits that
     image's last precompute recorded in the cache (a single pair) and the layer still has
-    napari's automatic contrast limits, those become its contrast limits (returned)."""
+    the contrast limits napari gave it, they are returned (for the user to adopt: the
+    layer is not changed here; napari cannot tell limits it computed from limits passed
+    when the layer was made)."""
     raw = unwrap(layer)
     if layer_limits(raw) is None or not automatic_contrast(raw):
         return None
@@ -90,7 +92,6 @@ def recorded_contrast(layer, lookup) -> tuple[float, float] | None:
     found = (float(found[0]), float(found[1]))
     if found == tuple(float(v) for v in raw.contrast_limits):
         return None
-    raw.contrast_limits = found
     return found
 
 

@@ -214,10 +214,10 @@ class LabelTargets:
             return hit[1]
         if not raw.multiscale:
             return NapariLabels(layer)
-        from ..core.pyramid import QueuedPyramid
+        from ..core.pyramid import Pyramid
 
-        try:
-            pyramid = QueuedPyramid(list(raw.data))
+        try:  # a user's pyramid is written at once: a read-only one fails on the spot
+            pyramid = Pyramid(list(raw.data))
         except ValueError as exc:
             raise UserError(f"labels layer '{raw.name}' cannot be written into: {exc}") from None
         return self.add(layer, pyramid)

@@ -44,7 +44,7 @@ class LargestIds(QObject):
         """Scan ``data`` (the layer's full-resolution labels) unless already known."""
         from napari.qt.threading import create_worker
 
-        from ..core.planes import largest_label
+        from ..core.planes import iter_largest_label
 
         raw = unwrap(layer)
         if raw in self._found or self.scanning(raw):
@@ -53,7 +53,8 @@ class LargestIds(QObject):
         self._layer = raw
         name = raw.name
         self.session.status(f"Reading the largest id of '{name}' (chunk by chunk)...")
-        worker = create_worker(largest_label, data, _start_thread=False, _ignore_errors=True)
+        worker = create_worker(iter_largest_label, data, _start_thread=False,
+                               _ignore_errors=True)  # a generator: stop() ends it
         worker.returned.connect(lambda top: self._on_returned(raw, int(top)))
         worker.errored.connect(lambda exc: self._on_errored(name, exc))
         worker.finished.connect(lambda: self._on_finished(worker))

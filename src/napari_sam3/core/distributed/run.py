@@ -10,6 +10,7 @@ because every entry is written by rename.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import uuid
@@ -265,9 +266,11 @@ def precompute_planes(model, lock, jobs, address: str | None):
             client = Client(address, timeout="20s")
         for img, limits, region in jobs:
             steps = model.precompute(img, limits, region, client=client)
+            # on a scheduler the workers encode: clicks keep the model meanwhile
+            hold = lock if client is None else contextlib.nullcontext()
             try:
                 while True:
-                    with lock:
+                    with hold:
                         try:
                             _, _, new = next(steps)
                         except StopIteration:

@@ -9,8 +9,15 @@ concepts return the tile's instances (boolean crops) for the client to merge.
 
 from __future__ import annotations
 
+import threading
+
 from .. import tile_keys
 from .sources import plane, worker_model
+
+# a worker process has one model (sources.worker_model) but may run several tasks at once
+# (a dask worker has one thread per core by default): they take turns, each with all of
+# the worker's torch threads
+_MODEL_LOCK = threading.Lock()
 
 
 class WorkerCacheError(RuntimeError):
@@ -29,32 +36,35 @@ def _tracker(spec):
 def precompute_tiles(spec, data, lead, indices, limits, skip) -> list[tuple]:
     """Encode tiles ``indices`` of the image into the shared store: ``(index, key or None,
     "encoded" | "cached" | "skipped")`` each."""
-    model = _tracker(spec)
-    image = plane(data, lead)
-    grid = model.tiles(image)
-    out = []
-    for k in indices:
-        tile = grid.tiles[k]
-        if skip is not None and skip.empty(image, grid, tile, limits):
-            out.append((k, None, "skipped"))
-            continue
-        before = model.encoder_calls
-        model.encode_tile(image, grid, tile, limits)
-        key = tile_keys.tile_key(model, image, grid, tile, limits)  # remembered: no read
-        out.append((k, key, "encoded" if model.encoder_calls > before else "cached"))
-    return out
+    with _MODEL_LOCK:
+        model = _tracker(spec)
+        image = plane(data, lead)
+        grid = model.tiles(image)
+        out = []
+        for k in indices:
+            tile = grid.tiles[k]
+            if skip is not None and skip.empty(image, grid, tile, limits):
+                out.append((k, None, "skipped"))
+                continue
+            before = model.encoder_calls
+            model.encode_tile(image, grid, tile, limits)
+            key = tile_keys.tile_key(model, image, grid, tile, limits)  # remembered: no read
+            out.append((k, key, "encoded" if model.encoder_calls > before else "cached"))
+        return out
 
 
 def everything_tile(spec, data, lead, k, limits, settings, skip):
     """``(k, instances of tile k, or None when skipped)`` of segment-everything."""
-    from ..everything import tile_instances
+    with _MODEL_LOCK:
+        from ..everything import tile_instances
 
-    model = _tracker(spec)
-    image = plane(data, lead)
-    return k, tile_instances(model, image, model.tiles(image), k, limits, settings, skip=skip)
+        model = _tracker(spec)
+        image = plane(data, lead)
+        return k, tile_instances(model, image, model.tiles(image), k, limits, settings, skip=skip)
 
 
 def concept_tile(spec, data, lead, k, limits, prompt, floor, skip):
     """``(k, candidates of tile k, or None when skipped)`` of the concept detector."""
-    model = worker_model(spec)
-    return k, model.tile_candidates(plane(data, lead), prompt, k, limits, floor, skip)
+    with _MODEL_LOCK:
+        model = worker_model(spec)
+        return k, model.tile_candidates(plane(data, lead), prompt, k, limits, floor, skip)

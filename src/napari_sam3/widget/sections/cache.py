@@ -18,6 +18,7 @@ from ...core.defaults import DEFAULT_OVERLAP, DEFAULT_TILE
 from ...core.prompts import PromptError
 from .. import layer_data
 from ..errors import UserError, guarded
+from ..image_source import unwrap
 from ..tasks import PrecomputeTask
 
 PRECOMPUTE_SCOPES = ("field of view", "whole image", "all slices")
@@ -125,9 +126,11 @@ class CacheSection(QWidget):
             self.adopt_recorded_limits()
 
     def adopt_recorded_limits(self) -> bool:
-        """Give the chosen image the intensity limits its last precompute recorded in the
-        cache (CLI, API or widget, on any machine and path), so its tiles are found: only
-        while the layer has napari's automatic contrast limits (never ones you set)."""
+        """Offer the chosen image the intensity limits its last precompute recorded in the
+        cache (CLI, API or widget, on any machine and path), so its tiles are found: a
+        notification with a *Use them* button, while the layer has the contrast limits
+        napari gave it; nothing changes unless it is pressed. Returns whether one was
+        offered."""
         from ...core.distributed import recorded_limits
         from ..image_source import recorded_contrast
 
@@ -138,10 +141,25 @@ class CacheSection(QWidget):
             found = recorded_contrast(layer, lambda data: recorded_limits(seg.store, data))
         except Exception:  # noqa: BLE001 - unreadable data: the layer's own limits stay
             return False
-        if found is not None:
-            self.session.status(f"Intensity limits {found[0]:g}-{found[1]:g} of this image's "
-                                "precompute (from the cache): its encoded tiles are reused")
-        return found is not None
+        if found is None:
+            return False
+        from napari.utils import notifications
+        from napari.utils.notifications import Notification, NotificationSeverity
+
+        text = (f"SAM3: this image was precomputed with intensity limits {found[0]:g}-"
+                f"{found[1]:g} (recorded in the cache); use them as its contrast limits so "
+                "its encoded tiles are reused?")
+
+        def use(*_):
+            if self.binder.alive(layer):
+                unwrap(layer).contrast_limits = found
+                self.session.status(f"Contrast limits {found[0]:g}-{found[1]:g} of this "
+                                    "image's precompute: its encoded tiles are reused")
+
+        self.session.status(text.removeprefix("SAM3: "))
+        notifications.notification_manager.dispatch(
+            Notification(text, severity=NotificationSeverity.INFO, actions=[("Use them", use)]))
+        return True
 
     def precompute(self, scope: str | None = None) -> bool:
         """Encode tiles ahead of clicks in a worker, with progress and Cancel.
