@@ -20,10 +20,10 @@ def cmd_precompute(args) -> int:
     check_cluster_args(args)
     images = batch_images(args.image)
     paths = [str(p) for p in images] if images is not None else [args.image]
-    inputs = [input_from_args(args, p) for p in paths]
     if images is not None and args.region is not None:
         raise CliError("--region applies to one image, not to a folder or glob of images")
-    region = check_region(args.region, inputs[0].plane_shape)
+    first = input_from_args(args, paths[0])
+    region = check_region(args.region, first.plane_shape)
     cache = cache_path(args.cache)
     if problem := cache_problem(cache):
         raise CliError(f"precompute needs a usable cache: {problem}")
@@ -33,9 +33,12 @@ def cmd_precompute(args) -> int:
     if problems:
         raise CliError(f"precompute needs a usable cache: {problems[0].removesuffix(MEMORY_ONLY)}")
     with client_from_args(args) as client:
-        for n, inp in enumerate(inputs, 1):
+        for n, path in enumerate(paths, 1):
+            # one image in memory at a time (a bad one stops the batch with its line)
+            inp = first if n == 1 else input_from_args(args, path)
+            first = None
             if images is not None:
-                print(f"image {n}/{len(inputs)}: {inp.path}", flush=True)
+                print(f"image {n}/{len(paths)}: {inp.path}", flush=True)
             _precompute_one(segmenter, inp, args, region, client, skip, problems)
     return 0
 

@@ -95,11 +95,13 @@ def segment_batch(args, mode: str, images) -> int:
     for img, out in zip(images, outs, strict=True):
         if (img, out) not in todo:
             print(f"skipped {img}: {out} exists (--overwrite to redo it)", flush=True)
-    inputs = [input_from_args(args, str(img)) for img, _ in todo]  # all checked first
     skip = skip_rule(args)
     loaded: dict = {}
     with client_from_args(args) as client:
-        for n, (inp, (_img, out)) in enumerate(zip(inputs, todo, strict=True), 1):
+        for n, (img, out) in enumerate(todo, 1):
+            # one image in memory at a time; a bad one stops the batch with its line
+            # (those before it are done, and a rerun skips them)
+            inp = input_from_args(args, str(img))
             print(f"image {n}/{len(todo)}: {inp.path}", flush=True)
             segment_instances(args, mode, inp, out_path=str(out), client=client,
                               loaded=loaded, skip=skip)
