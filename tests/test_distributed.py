@@ -110,6 +110,25 @@ def test_everything_on_workers_gives_identical_labels(client, tiny_tracker_dir, 
     assert len(workers_of(client, t0, "napari-sam3-everything")) == 2
 
 
+def test_concept_on_workers_gives_identical_labels(client, tmp_path_factory, one_thread):
+    from napari_sam3.core.concept import ConceptSegmenter
+    from napari_sam3.testing_concept import save_random_concept_model
+
+    folder = save_random_concept_model(tmp_path_factory.mktemp("tiny_concept"), seed=0)
+
+    def detector():
+        return ConceptSegmenter.from_pretrained(str(folder), device="cpu", tile_size=112,
+                                                overlap=28)
+
+    img = cells(seed=4)
+    want = detector().segment_concept(img, "nucleus", threshold=0.0, min_area=0)
+    assert want.max() > 1  # several instances, over several tiles
+    t0 = time.time()
+    got = detector().segment_concept(img, "nucleus", threshold=0.0, min_area=0, client=client)
+    np.testing.assert_array_equal(got, want)
+    assert len(workers_of(client, t0, "napari-sam3-concept")) == 2
+
+
 def test_empty_tiles_are_skipped_and_listed(client, tiny_tracker_dir, tmp_path, one_thread):
     from napari_sam3.core.everything import generate_everything
 
