@@ -13,7 +13,8 @@ OLDEST_PINS := constraints-oldest.txt
 GUI_TESTS := tests/test_widget.py tests/test_widget_sections.py tests/test_widget_stacks.py \
   tests/test_widget_concept.py tests/test_widget_history_save.py tests/test_cold_start.py \
   tests/test_widget_clicks.py tests/test_labels_pyramid.py tests/test_view_lazy.py \
-  tests/test_manifest.py tests/test_distributed_widget.py tests/test_cli.py::test_view_bad_image_is_one_line \
+  tests/test_manifest.py tests/test_distributed_widget.py tests/test_ngff.py::test_napari_ome_zarr_reads_labels_aligned \
+  tests/test_cli.py::test_view_bad_image_is_one_line \
   tests/test_cli.py::test_view_screenshot
 DEMO_MODEL ?= facebook/sam3
 XVFB := xvfb-run -a -s "-screen 0 1920x1080x24"

@@ -96,7 +96,9 @@ def test_segment_writes_same_labels_as_api(work, expected, tiny_tracker_dir, cap
     for i in range(1, 5):
         assert f"{i}: {int((expected == i).sum())}" in cap.out
     # nothing else left next to the output (the staging folder is gone)
-    assert _listing(work) == sorted(["img.tif", "prompts.json", *_listing_of(out, work)])
+    side = [f"{name}.json"] if name.endswith(".tif") else []  # the provenance sidecar
+    assert _listing(work) == sorted(["img.tif", "prompts.json", *side,
+                                     *_listing_of(out, work)])
 
 
 def _listing_of(out: Path, root: Path) -> list[str]:
@@ -122,7 +124,9 @@ def test_segment_overwrite_replaces(work, expected, tiny_tracker_dir, name):
     args += ["--model", str(tiny_tracker_dir), "--device", "cpu", "--out", str(out)]
     assert cli.main([*args, "--overwrite"]) == 0
     np.testing.assert_array_equal(io.read_labels(out), expected)
-    assert sorted(p.name for p in work.iterdir()) == sorted(["img.tif", "prompts.json", name])
+    side = [f"{name}.json"] if name.endswith(".tif") else []  # the provenance sidecar
+    assert sorted(p.name for p in work.iterdir()) == sorted(["img.tif", "prompts.json", name,
+                                                             *side])
 
 
 def test_segment_console_script(work, expected, tiny_tracker_dir):

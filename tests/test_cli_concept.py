@@ -128,7 +128,7 @@ def test_text_equals_api(work, concept, concept_dir, capsys, name):
     # one summary line: instances found, output, scores
     assert cap.out.count("\n") == 1
     assert f"found {len(rows)} instances of 'nucleus'" in cap.out and str(out) in cap.out
-    extra = [] if name.endswith(".zarr") else ["out.csv"]
+    extra = [] if name.endswith(".zarr") else ["out.csv", "out.tif.json"]
     assert _listing(work) == sorted(
         [
             "img.tif",

@@ -344,7 +344,9 @@ def test_overwrite_replaces_our_own_output_again(work, tiny_tracker_dir, expecte
         assert cli.main(_segment(work, tiny_tracker_dir, out, "--overwrite")) == 0
         np.testing.assert_array_equal(io.read_labels(out), expected)
     assert io.is_labels_zarr(out) == (name == "out.zarr")
-    assert sorted(p.name for p in work.iterdir()) == sorted(["img.tif", "prompts.json", name])
+    side = [f"{name}.json"] if name.endswith(".tif") else []  # the provenance sidecar
+    assert sorted(p.name for p in work.iterdir()) == sorted(["img.tif", "prompts.json", name,
+                                                             *side])
 
 
 def test_labels_zarr_marker_survives_score_attributes(tmp_path):

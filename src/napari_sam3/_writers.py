@@ -45,18 +45,56 @@ def _write(func, path: str, data: Any, meta: dict, suffixes, **kwargs) -> list[s
                                f"{path}: {e}") from None
 
 
+#: Key of a layer's ``metadata`` holding its provenance (a ``Provenance`` or its dict),
+#: written with the labels: OUT.tif.json beside a TIFF, the Zarr group's attributes.
+PROVENANCE_KEY = "napari_sam3_provenance"
+
+
+def _provenance(meta: dict) -> dict | None:
+    record = (meta.get("metadata") or {}).get(PROVENANCE_KEY)
+    return record.to_dict() if hasattr(record, "to_dict") else record
+
+
 def write_labels_tif(path: str, data: Any, meta: dict) -> list[str]:
-    """Write a labels layer to a compressed TIFF (see :func:`io.write_labels_tif`)."""
-    return _write(io.write_labels_tif, path, data, meta, io.TIF_SUFFIXES)
+    """Write a labels layer to a compressed TIFF (see :func:`io.write_labels_tif`), with
+    its provenance in OUT.tif.json; a sidecar of ours left from earlier labels, which no
+    longer describes the file, is removed."""
+    import json
+    from pathlib import Path
+
+    from .core.provenance import SCHEMA
+
+    written = _write(io.write_labels_tif, path, data, meta, io.TIF_SUFFIXES)
+    side = Path(written[0] + ".json")
+    record = _provenance(meta)
+    if record is not None:
+        side.write_text(json.dumps(record, indent=1), encoding="utf-8")
+        return written
+    if side.is_file():
+        try:
+            ours = json.loads(side.read_text(encoding="utf-8")).get("schema") == SCHEMA
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if ours:
+            side.unlink()
+    return written
 
 
 def write_labels_zarr(path: str, data: Any, meta: dict) -> list[str]:
-    """Write a labels layer to an OME-NGFF-style Zarr (see :func:`io.write_labels_zarr`)."""
+    """Write a labels layer to an OME-NGFF-style Zarr (see :func:`io.write_labels_zarr`),
+    its provenance in the group's ``napari_sam3`` attributes."""
     scale = meta.get("scale")
     if scale is not None and len(scale) != len(_level0(data, meta).shape):
         scale = None
-    return _write(io.write_labels_zarr, path, data, meta, io.ZARR_SUFFIXES,
-                  name=meta.get("name"), scale=scale)
+    written = _write(io.write_labels_zarr, path, data, meta, io.ZARR_SUFFIXES,
+                     name=meta.get("name"), scale=scale)
+    if (record := _provenance(meta)) is not None:
+        import zarr
+
+        group = zarr.open_group(written[0], mode="r+")
+        group.attrs["napari_sam3"] = {**group.attrs.get("napari_sam3", {}),
+                                      "provenance": record}
+    return written
 
 
 def save_labels_layer(layer, path: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Command line: ``napari-sam3 segment | precompute | cache | view``.
+"""Command line: ``napari-sam3 segment | precompute | cache | view | replay``.
 
 * ``segment``: labels from point/box prompts on a 2D image, on chosen slices of a
   3D stack, or propagated through a stack (``--propagate``), written to TIFF or
@@ -12,6 +12,8 @@
   clicks (CLI or napari) only run the small mask decoder.
 * ``cache info`` / ``cache clear``: inspect or empty an embedding cache.
 * ``view``: napari with an image and the SAM3 widget.
+* ``replay``: re-run what a labels output's provenance records (see
+  :mod:`napari_sam3.core.provenance`), into new labels.
 
 This module holds the parser and the dispatch; the commands live in
 :mod:`napari_sam3._cli`. Only the standard library, NumPy and the package's light
@@ -34,6 +36,7 @@ from ._cli.cache import cmd_cache_clear, cmd_cache_info
 from ._cli.cache import human_bytes as _human_bytes  # noqa: F401 - read by the tests
 from ._cli.errors import PROG, CliError, one_line
 from ._cli.precompute import cmd_precompute
+from ._cli.replay import add_parser as add_replay_parser
 from ._cli.segment import cmd_segment
 from ._cli.view import cmd_view
 from .core.defaults import (
@@ -296,8 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=None,
         metavar="OUT",
-        help="output labels: OUT.tif, OUT.tiff or OUT.zarr (required); for a folder or "
-        "glob IMAGE, a folder DIR receiving one NAME.tif or NAME.zarr per image",
+        help="output labels: OUT.tif, OUT.tiff, OUT.zarr or IMAGE.zarr/labels/NAME (NGFF "
+        "labels inside an OME-Zarr image) (required); with the provenance (OUT.tif.json "
+        "next to a TIFF); for a folder or glob IMAGE, a folder DIR receiving one NAME.tif or "
+        "NAME.zarr per image",
     )
     seg.add_argument(
         "--out-format",
@@ -528,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         "preview (with --screenshot: a check of the whole job; exit 1 if no mask appears)",
     )
     view.set_defaults(func=cmd_view)
+    add_replay_parser(sub)
     return parser
 
 

@@ -67,11 +67,25 @@ def _check_replaceable(path: Path, shown: str, image_path: str | None, overwrite
             )
 
 
-def check_output(out: str, image_path: str, overwrite: bool) -> Path:
-    """OUT as a Path: a label suffix, replaceable, in a writable folder."""
+def check_output(out: str, image_path: str, overwrite: bool, labels_shape=None) -> Path:
+    """OUT as a Path: a label suffix (or IMAGE.zarr/labels/NAME of an OME-Zarr image whose
+    label images fit ``labels_shape``), replaceable, in a writable folder."""
     from ..core import io
 
     p = Path(out)
+    if (target := ngff_target(p)) is not None:
+        from ..core.ngff import check_target, labels_shape_fits
+
+        try:
+            check_target(*target, overwrite)
+            if labels_shape is not None:
+                labels_shape_fits(target[0], labels_shape)
+        except (OSError, ValueError) as e:
+            raise CliError(e) from None
+        if not os.access(target[0].absolute().parent, os.W_OK | os.X_OK):
+            raise CliError(f"cannot write {out!r}: the folder holding {str(target[0])!r} is "
+                           "not writable")
+        return p
     if p.suffix.lower() not in io.LABEL_SUFFIXES:
         raise CliError(
             f"cannot write labels to {out!r}: unsupported suffix {p.suffix or '(none)'!r}, "
@@ -86,9 +100,26 @@ def check_output(out: str, image_path: str, overwrite: bool) -> Path:
     return p
 
 
+def ngff_target(out: Path) -> tuple[Path, str] | None:
+    """(IMAGE, NAME) of an OUT that is IMAGE.zarr/labels/NAME, else None."""
+    from ..core.ngff import labels_target
+
+    return labels_target(out)
+
+
+def sidecar_path(out: Path, image_path: str, overwrite: bool) -> Path | None:
+    """OUT.tif.json, the provenance of a TIFF output, checked like OUT (None for Zarr)."""
+    if out.suffix.lower() not in (".tif", ".tiff") or ngff_target(out) is not None:
+        return None
+    path = out.with_name(out.name + ".json")
+    _check_replaceable(path, f"{str(path)!r} (the provenance of {str(out)!r})", image_path,
+                       overwrite)
+    return path
+
+
 def scores_path(out: Path, image_path: str, overwrite: bool) -> Path | None:
     """OUT.csv next to a TIFF output (None for Zarr: scores go into its attributes)."""
-    if out.suffix.lower() == ".zarr":
+    if out.suffix.lower() == ".zarr" or ngff_target(out) is not None:
         return None
     csv_path = out.with_suffix(".csv")
     shown = f"{str(csv_path)!r} (the scores of {str(out)!r})"
@@ -124,15 +155,18 @@ def stale_staging(out: Path) -> list[Path]:
 def staging(out: Path):
     """A path named like OUT in a hidden sibling folder, removed on the way out; stale
     staging folders of the same OUT go first."""
-    for old in stale_staging(out):
+    ngff = ngff_target(out)  # IMAGE.zarr/labels/NAME: level 0 staged beside IMAGE.zarr
+    where = out if ngff is None else ngff[0].absolute().parent / f"{ngff[0].name}.{ngff[1]}"
+    for old in stale_staging(where):
         shutil.rmtree(old, ignore_errors=True)
     tmpdir = Path(
         tempfile.mkdtemp(
-            prefix=f".{out.name}{_STAGING_TAG}", suffix=_STAGING_SUFFIX, dir=out.absolute().parent
+            prefix=f".{where.name}{_STAGING_TAG}", suffix=_STAGING_SUFFIX,
+            dir=where.absolute().parent
         )
     )
-    try:
-        yield tmpdir / out.name  # same name, so e.g. the Zarr group is named after OUT
+    try:  # same name, so e.g. the Zarr group is named after OUT
+        yield tmpdir / (out.name if ngff is None else f"{out.name}.zarr")
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -158,6 +192,62 @@ def commit(staged: Path, out: Path, overwrite: bool) -> None:
             raise
     else:
         os.replace(staged, out)
+
+
+def finished(staged: Path, out: Path, labels, record, overwrite: bool,
+             extra: tuple = ()) -> list[tuple[Path, Path]]:
+    """Write the finished labels with their provenance ``record``; returns the ``(staged,
+    final)`` pairs to :func:`commit`, in order, OUT last. IMAGE.zarr/labels/NAME is put in
+    place here (``ngff.write_ngff_labels``: nothing to commit); a labels Zarr gets the
+    record in its attributes; a TIFF is written with its OUT.tif.json sidecar. ``extra``:
+    staged files that go with OUT (e.g. OUT.csv), committed before it."""
+    from ..core import io
+
+    if (target := ngff_target(out)) is not None:
+        from ..core.ngff import write_ngff_labels
+        from .colors import napari_colors
+
+        counts, _ = count_labels(labels)
+        write_ngff_labels(*target, labels, record, overwrite, colors=napari_colors(counts),
+                          properties=record.label_properties(counts))
+        return []
+    if staged.suffix.lower() in io.ZARR_SUFFIXES:
+        import zarr
+
+        group = zarr.open_group(staged, mode="r+")
+        group.attrs["napari_sam3"] = {**group.attrs.get("napari_sam3", {}),
+                                      "provenance": record.to_dict()}
+    else:
+        io.write_labels(staged, labels)
+        side = staged.parent / (staged.name + ".json")
+        side.write_text(record.to_json(indent=1), encoding="utf-8")
+        extra = (*extra, (side, out.with_name(out.name + ".json")))
+    if extra:
+        refuse_existing(out, overwrite)  # before what goes with it is replaced
+    return [*extra, (staged, out)]  # OUT last: it appears with what describes it
+
+
+def read_record(path: str):
+    """The provenance of a labels output (its Zarr attributes or OUT.tif.json)."""
+    from ..core import io
+    from ..core.ngff import read_provenance
+    from ..core.provenance import Provenance, ProvenanceError
+
+    p = Path(path)
+    if not (p.exists() or p.is_symlink()):
+        raise CliError(f"labels {path!r}: no such file or folder")
+    try:
+        if p.is_dir():
+            found = read_provenance(p)
+            if found is None:
+                raise CliError(f"labels {path!r} hold no napari-sam3 provenance")
+            return Provenance.from_dict(found)
+        side = p.with_name(p.name + ".json")
+        if p.suffix.lower() not in io.TIF_SUFFIXES or not side.is_file():
+            raise CliError(f"labels {path!r}: no provenance ({side.name} not found)")
+        return Provenance.from_json(side.read_text(encoding="utf-8"))
+    except ProvenanceError as e:
+        raise CliError(f"labels {path!r}: {e}") from None
 
 
 # ---------------------------------------------------------------------- label images

@@ -5,6 +5,7 @@ slice (ids unique across slices)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from ..core.defaults import DEFAULT_THRESHOLD
 from .cache import optional_cache
@@ -14,16 +15,18 @@ from .models import load_concept, load_segmenter
 from .output import (
     check_output,
     commit,
+    finished,
     instance_rows,
     new_labels,
     plane,
-    refuse_existing,
     scores_path,
+    sidecar_path,
     staging,
     write_scores_attrs,
     write_scores_csv,
 )
 from .prompt_files import load_exemplars
+from .segment_prompts import start_record
 
 CONCEPT_OPTIONS = ("threshold", "concept_model")
 EVERYTHING_OPTIONS = (
@@ -43,8 +46,10 @@ def segment_instances(args, mode: str, inp: Input, *, out_path: str | None = Non
     boxes, box_labels = None, None
     if args.exemplars is not None:
         boxes, box_labels = load_exemplars(args.exemplars, inp)
-    out = check_output(args.out if out_path is None else out_path, inp.path, args.overwrite)
+    out = check_output(args.out if out_path is None else out_path, inp.path, args.overwrite,
+                       inp.labels_shape)
     csv_path = scores_path(out, inp.path, args.overwrite)
+    sidecar_path(out, inp.path, args.overwrite)
     cache = optional_cache(args.cache)
     limits = resolve_limits(inp, args.limits)
     post = dict(max_hole_area=args.max_hole_area, max_sprinkle_area=args.max_sprinkle_area)
@@ -119,17 +124,17 @@ def segment_instances(args, mode: str, inp: Input, *, out_path: str | None = Non
                 print(f"slice {k} segmented: {_count(len(found), 'instance')}", flush=True)
         if skip is not None:
             settings["skipped_tiles"] = skipped  # [slice,] r0, c0, r1, c1 of each
+        record = start_record(model, inp)
+        record.append(_operation(mode, model, args, settings, limits, inp, rows, skip))
+        extra = ()
         if csv_path is None:
             write_scores_attrs(staged, mode, settings, rows)
         else:
-            from ..core import io
-
-            io.write_labels(staged, labels)
             staged_csv = staged.parent / csv_path.name
             write_scores_csv(staged_csv, rows)
-            refuse_existing(out, args.overwrite)
-            commit(staged_csv, csv_path, args.overwrite)  # then OUT: both or neither
-        commit(staged, out, args.overwrite)
+            extra = ((staged_csv, csv_path),)  # then OUT: all or nothing
+        for done, final in finished(staged, out, labels, record, args.overwrite, extra):
+            commit(done, final, args.overwrite)
 
     if mode == "concept":
         what = [repr(args.text)] if args.text is not None else []
@@ -144,6 +149,31 @@ def segment_instances(args, mode: str, inp: Input, *, out_path: str | None = Non
     empty = f"; {_count(len(skipped), 'tile')} skipped as empty" if skip is not None else ""
     print(f"found {found} in a {inp.describe()}{on}; wrote {out}; scores in {scores}{empty}")
     return 0
+
+
+def _operation(mode: str, model, args, settings: dict, limits, inp: Input, rows, skip) -> dict:
+    """The provenance operation of this run (ids painted from 1, slice after slice)."""
+    from ..core.replay import concept_op, everything_op
+
+    slices = list(range(inp.depth)) if inp.is_stack else None
+    if mode == "concept":
+        op = concept_op(model, settings["text"], settings["exemplars"],
+                        settings["exemplar_labels"], threshold=settings["threshold"],
+                        min_area=settings["min_area"], limits=limits,
+                        max_hole_area=settings["max_hole_area"],
+                        max_sprinkle_area=settings["max_sprinkle_area"], slices=slices,
+                        start_id=1, instances=rows)
+    else:
+        from ..core.everything import EverythingSettings
+
+        fields = EverythingSettings.__dataclass_fields__
+        op = everything_op(EverythingSettings(**{k: v for k, v in settings.items()
+                                                 if k in fields}),
+                           limits=limits, slices=slices, start_id=1, instances=rows)
+    if skip is not None:  # replayed with the same rule
+        mask = None if args.skip_mask is None else str(Path(args.skip_mask).absolute())
+        op["skip"] = {"skip_empty": args.skip_empty, "skip_mask": mask}
+    return op
 
 
 def _count(n: int, one: str, many: str | None = None) -> str:

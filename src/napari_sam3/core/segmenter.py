@@ -314,10 +314,10 @@ class Sam3Segmenter(TiledModel):
         for _later, objects in self._objects_by_tile(image, prompts, limits, crop):
             yield from objects
 
-    def _objects_by_tile(self, image, prompts: list[ObjectPrompt], limits, crop: bool):
+    def _objects_by_tile(self, image, prompts: list[ObjectPrompt], limits, crop: bool, route=None):
         """Per tile that prompts need, in grid order: ``(later, objects)``, ``later`` the
-        boxes (row0, col0, row1, col1) of the tiles still to come, ``objects`` a generator
-        of ``(i, ObjectMask)`` in image coordinates. Every prompt is checked up front."""
+        boxes of the tiles still to come, ``objects`` a generator of ``(i, ObjectMask)`` in
+        image coordinates; ``route(bbox) -> Tile`` replaces the rule. Prompts checked first."""
         shape = tuple(image.shape[:2])
         grid = self.tiles(image)
         if grid.single:
@@ -327,7 +327,7 @@ class Sam3Segmenter(TiledModel):
             return
         limits = self.resolve_limits(image, limits)
         by_tile: dict[Tile, list[int]] = {}
-        route = tile_keys.router(self, image, grid, limits)  # encoded tiles first
+        route = route or tile_keys.router(self, image, grid, limits)  # encoded tiles first
         for i, p in enumerate(prompts):
             by_tile.setdefault(route(prompt_bbox(p)), []).append(i)
         order = [t for t in grid.tiles if t in by_tile]
