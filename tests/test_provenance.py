@@ -327,3 +327,6 @@ def test_napari_writers_keep_the_provenance_with_the_labels(tiny_segmenter, tmp_
     Path(tif + ".json").write_text('{"mine": 1}')
     _writers.write_labels_tif(str(tmp_path / "w.tif"), labels, {"name": "again"})
     assert Path(tif + ".json").read_text() == '{"mine": 1}'
+    with pytest.warns(UserWarning, match="not a provenance record of ours"):
+        _writers.write_labels_tif(str(tmp_path / "w.tif"), labels, meta)  # with a record
+    assert Path(tif + ".json").read_text() == '{"mine": 1}'  # someone else's: never touched

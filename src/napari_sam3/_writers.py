@@ -58,25 +58,32 @@ def _provenance(meta: dict) -> dict | None:
 def write_labels_tif(path: str, data: Any, meta: dict) -> list[str]:
     """Write a labels layer to a compressed TIFF (see :func:`io.write_labels_tif`), with
     its provenance in OUT.tif.json; a sidecar of ours left from earlier labels, which no
-    longer describes the file, is removed."""
+    longer describes the file, is removed. A file of that name that is not ours is never
+    touched (the provenance is then not written; a warning says so)."""
     import json
+    import warnings
     from pathlib import Path
 
     from .core.provenance import SCHEMA
 
     written = _write(io.write_labels_tif, path, data, meta, io.TIF_SUFFIXES)
     side = Path(written[0] + ".json")
-    record = _provenance(meta)
-    if record is not None:
-        side.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        return written
+    ours = not (side.exists() or side.is_symlink())
     if side.is_file():
         try:
             ours = json.loads(side.read_text(encoding="utf-8")).get("schema") == SCHEMA
         except (OSError, ValueError, AttributeError):
             ours = False
-        if ours:
-            side.unlink()
+    record = _provenance(meta)
+    if not ours:
+        if record is not None:
+            warnings.warn(f"SAM3: {side} exists and is not a provenance record of ours: it "
+                          "was kept, and the labels' provenance was not written", stacklevel=2)
+        return written
+    if record is not None:
+        side.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    elif side.is_file():
+        side.unlink()
     return written
 
 
