@@ -43,6 +43,9 @@ class Session(QObject):
     object_changed = Signal(int)  # the current object id
     settings_changed = Signal()  # post-processing settings
     run_changed = Signal(object)  # the last concept / everything run (or None)
+    # a labels layer and the region written (a tuple of slices, None: anywhere), after a
+    # commit, a propagation slice, a concept / everything write or an edit was recorded
+    labels_recorded = Signal(object, object)
     _warning = Signal(str)  # cache warnings from worker threads, shown on the GUI thread
 
     def __init__(self, viewer=None, parent=None):
