@@ -330,3 +330,32 @@ def test_napari_writers_keep_the_provenance_with_the_labels(tiny_segmenter, tmp_
     with pytest.warns(UserWarning, match="not a provenance record of ours"):
         _writers.write_labels_tif(str(tmp_path / "w.tif"), labels, meta)  # with a record
     assert Path(tif + ".json").read_text() == '{"mine": 1}'  # someone else's: never touched
+
+
+def test_delete_and_merge_ops_replay_exact_ids_on_a_slice_or_everywhere():
+    from napari_sam3.core.provenance import (
+        KINDS,
+        Provenance,
+        edit_op,
+        external_op,
+    )
+    from napari_sam3.core.replay import replay
+
+    assert {"delete", "merge"} <= set(KINDS)
+    start = np.zeros((3, 6, 8), np.int32)
+    start[:, 1:3, 1:4] = 2
+    start[:, 4:6, 5:8] = 5
+    start[1, 0, 0] = 9
+    rec = Provenance(labels={"shape": [3, 6, 8]}, image={"axis": 0, "fixed": {}})
+    rec.append(external_op("import", start))
+    rec.append(edit_op("delete", [2], slice_index=1))
+    rec.append(edit_op("merge", [9, 5], into=2, slice_index=None))
+    rec = Provenance.from_json(rec.to_json())
+    out = replay(rec, np.zeros((3, 6, 8), np.float32), None)
+    want = start.copy()
+    want[1][want[1] == 2] = 0
+    want[np.isin(want, [9, 5])] = 2
+    np.testing.assert_array_equal(out, want)
+    assert rec.operations[2] == {"kind": "merge", "slice": None, "ids": [5, 9], "into": 2}
+    props = {p["label-value"] for p in rec.label_properties()}
+    assert 5 not in props and 9 not in props and 2 in props

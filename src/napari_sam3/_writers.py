@@ -87,9 +87,56 @@ def write_labels_tif(path: str, data: Any, meta: dict) -> list[str]:
     return written
 
 
+def _label_colors(data, meta: dict) -> dict | None:
+    """``{value: rgba}`` of every label value in ``data`` (read plane by plane), in the
+    layer's colormap; None without one."""
+    import numpy as np
+
+    cmap = meta.get("colormap")
+    if cmap is None or not hasattr(cmap, "map"):
+        return None
+    values: set[int] = set()
+    planes = np.ndindex(*data.shape[:-2]) if len(data.shape) > 2 else [()]
+    for lead in planes:
+        values.update(int(v) for v in np.unique(np.asarray(data[lead])) if v != 0)
+    if not values:
+        return {}
+    order = sorted(values)
+    rgba = np.asarray(cmap.map(np.asarray(order, dtype=np.int64)), dtype=float).reshape(-1, 4)
+    return {v: tuple(float(c) for c in rgba[i]) for i, v in enumerate(order)}
+
+
+def write_ngff_labels_layer(path: str, data: Any, meta: dict) -> list[str]:
+    """Write a labels layer as the NGFF label image ``IMAGE.zarr/labels/NAME`` (see
+    :func:`core.ngff.write_ngff_labels`): the image's levels, its provenance and the
+    layer's colours. Replaces NAME only when it is a label image of ours."""
+    from .core import ngff
+    from .core.pyramid import wait_for_writes
+
+    wait_for_writes()
+    from .core.provenance import Provenance
+
+    image, name = ngff.labels_target(path)
+    level0 = _level0(data, meta)
+    record = _provenance(meta)
+    if record is not None:  # (a Provenance gives the NGFF properties of each label)
+        record = Provenance.from_dict(record)
+    try:
+        return [ngff.write_ngff_labels(image, name, level0, record, overwrite=True,
+                                       colors=_label_colors(level0, meta))]
+    except (ValueError, FileExistsError) as e:
+        raise LabelsWriteError(f"SAM3: cannot save '{meta.get('name', 'labels')}' to "
+                               f"{path}: {e}") from None
+
+
 def write_labels_zarr(path: str, data: Any, meta: dict) -> list[str]:
     """Write a labels layer to an OME-NGFF-style Zarr (see :func:`io.write_labels_zarr`),
-    its provenance in the group's ``napari_sam3`` attributes."""
+    its provenance in the group's ``napari_sam3`` attributes; into an OME-Zarr image's
+    ``labels/NAME`` as its NGFF label image (:func:`write_ngff_labels_layer`)."""
+    from .core.ngff import labels_target
+
+    if labels_target(path) is not None:
+        return write_ngff_labels_layer(path, data, meta)
     scale = meta.get("scale")
     if scale is not None and len(scale) != len(_level0(data, meta).shape):
         scale = None
@@ -105,10 +152,15 @@ def write_labels_zarr(path: str, data: Any, meta: dict) -> list[str]:
 
 
 def save_labels_layer(layer, path: str) -> list[str]:
-    """Save a napari Labels layer with our writers (by ``path``'s suffix): what the
-    widget's *Save labels* does, whatever napari's File > Save would pick."""
+    """Save a napari Labels layer with our writers (by ``path``'s suffix; ``IMAGE.zarr/
+    labels/NAME`` of an OME-Zarr image: its NGFF label image): what the widget's *Save
+    labels* does, whatever napari's File > Save would pick."""
+    from .core.ngff import labels_target
+
     data, meta, _ = layer.as_layer_data_tuple()
     lower = str(path).lower()
+    if labels_target(path) is not None:
+        return write_ngff_labels_layer(str(path), data, meta)
     if lower.endswith(io.ZARR_SUFFIXES):
         return write_labels_zarr(str(path), data, meta)
     if lower.endswith(io.TIF_SUFFIXES):

@@ -20,7 +20,10 @@ Every operation has a ``kind``; the replayable ones store what made them:
   (row, col), ``labels`` (1 positive, 0 negative), ``box`` (row0, col0, row1, col1),
   ``mask`` (null, ``{"labels_id": n}``: the mask of label n before this operation, or
   ``{"bbox": [...], "rle": [...]}`` inline), the ``tile`` it was decoded in (row0,
-  col0, row1, col1; null: untiled) and its ``iou_score`` and ``object_score``;
+  col0, row1, col1; null: untiled) and its ``iou_score`` and ``object_score``; a
+  widget commit also has ``commit`` (``{"overwrite": bool}``): each object is decoded
+  over its tile and pasted by the commit rule (other objects' pixels kept unless
+  ``overwrite``, the object's old pixels outside its new mask cleared);
 * ``propagation``: ``direction``, ``start``, ``stop`` (excluded), ``score_threshold``,
   ``stop_after``, ``limits``, ``postprocess``, ``objects`` (as above, each with its
   ``slice``) and per tracked slice the ids and object scores (``slices``);
@@ -31,9 +34,16 @@ Every operation has a ``kind``; the replayable ones store what made them:
 * ``everything``: ``settings`` (``EverythingSettings``), ``limits``, ``slices``,
   ``start_id`` and ``instances``.
 
+Edits of ids (:data:`EDITS`, replayed): ``delete`` (``ids`` -> 0) and ``merge`` (``ids``
+-> ``into``) on ``slice`` (null: the whole image).
+
 External operations (:data:`EXTERNAL`: ``brush``, ``import``) are results, not replayed
 computations: ``region`` (``slice``, ``bbox``) and ``values`` (run-length label values
-of that region after the edit) or a ``source`` file. Replay writes them back as stored.
+of that region after the edit; on a stack with ``slice`` null, of every slice) or a
+``source`` file. Replay writes them back as stored.
+
+A ``slice`` is a slice index along the recorded ``axis``, or (images with several
+leading axes) the list of leading indices.
 
 NumPy only: no torch, Qt or napari. :func:`replay` lives in :mod:`.replay`.
 """
@@ -43,6 +53,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +62,9 @@ import numpy as np
 SCHEMA = "napari-sam3/provenance"
 VERSION = 1
 REPLAYED = ("prompts", "propagation", "concept", "everything")
+EDITS = ("delete", "merge")
 EXTERNAL = ("brush", "import")
-KINDS = REPLAYED + EXTERNAL
+KINDS = REPLAYED + EDITS + EXTERNAL
 #: Images up to this size are fingerprinted by a hash of every pixel; larger ones by
 #: ``embedding_store.image_id`` (a fixed sample of windows).
 FULL_HASH_BYTES = 256 << 20
@@ -231,6 +243,18 @@ def external_op(kind: str, region_values, *, bbox=None, slice_index: int | None 
     return op
 
 
+def edit_op(kind: str, ids, *, into: int = 0, slice_index=None) -> dict:
+    """A ``delete`` (``ids`` -> 0) or ``merge`` (``ids`` -> ``into``) of label ids on
+    ``slice`` (None: the whole image or stack)."""
+    if kind not in EDITS:
+        raise ValueError(f"id edits are {', '.join(EDITS)}, not {kind!r}")
+    op: dict[str, Any] = {"kind": kind, "slice": jsonable(slice_index),
+                          "ids": sorted(int(i) for i in ids)}
+    if kind == "merge":
+        op["into"] = int(into)
+    return op
+
+
 # -- the record -----------------------------------------------------------------------------------
 @dataclass
 class Provenance:
@@ -266,6 +290,27 @@ class Provenance:
             rec.labels = {"shape": [int(s) for s in labels_shape]}
         return rec
 
+    def fill_later(self, where: dict, key: str, compute) -> None:
+        """Set ``where[key] = compute()`` in a background thread (a fingerprint of a
+        large image takes seconds); :meth:`to_dict` waits for it."""
+        def run():
+            try:
+                where[key] = compute()
+            except Exception as e:  # noqa: BLE001 - a record without it, saying why
+                where[key] = {"kind": "failed", "value": None, "error": str(e)}
+
+        thread = threading.Thread(target=run, name="napari-sam3 fingerprint", daemon=True)
+        self.__dict__.setdefault("_pending", []).append(thread)
+        thread.start()
+
+    def __deepcopy__(self, memo) -> Provenance:
+        return Provenance.from_dict(self.to_dict())
+
+    def wait(self) -> None:
+        """Block until every :meth:`fill_later` value is set."""
+        for thread in self.__dict__.pop("_pending", []):
+            thread.join()
+
     def append(self, op: dict) -> dict:
         """Add an operation (a dict with a ``kind`` from :data:`KINDS`) at the end; it is
         stored as JSON values (a copy)."""
@@ -276,6 +321,7 @@ class Provenance:
         return op
 
     def to_dict(self) -> dict:
+        self.wait()
         return {"schema": SCHEMA, "version": self.version, "software": self.software,
                 "model": self.model, "device": self.device, "dtype": self.dtype,
                 "tiling": self.tiling, "image": self.image, "labels": self.labels,
@@ -339,6 +385,11 @@ class Provenance:
         ``image-label`` properties)."""
         props: dict[int, dict] = {}
         for op in self.operations:
+            if op["kind"] in EDITS:
+                if op.get("slice") is None:  # gone (a merge's target keeps its entry)
+                    for v in op.get("ids", []):
+                        props.pop(int(v), None)
+                continue
             for item in _label_items(op):
                 props[item["label-value"]] = item
         if areas is not None:
@@ -373,7 +424,7 @@ def replay(provenance: Provenance, image, segmenter, out=None, *, concept=None):
     return run(provenance, image, segmenter, out, concept=concept)
 
 
-__all__ = ["SCHEMA", "VERSION", "KINDS", "REPLAYED", "EXTERNAL", "Provenance",
+__all__ = ["SCHEMA", "VERSION", "KINDS", "REPLAYED", "EDITS", "EXTERNAL", "Provenance",
            "ProvenanceError", "image_fingerprint", "model_record", "prompt_record", "prompts_op",
-           "prompt_from_record", "external_op", "encode_mask", "decode_mask",
+           "prompt_from_record", "external_op", "edit_op", "encode_mask", "decode_mask",
            "encode_values", "decode_values", "replay", "jsonable"]

@@ -24,6 +24,7 @@ from .planes import plane_of
 from .postprocess import DEFAULTS, Flush
 from .prompts import prompt_bbox
 from .provenance import (
+    EDITS,
     EXTERNAL,
     Provenance,
     ProvenanceError,
@@ -240,6 +241,8 @@ def replay(provenance: Provenance, image, segmenter, out=None, *, concept=None,
                 concept = concept_for(segmenter, op["model"]["source"])
             _replay_instances(op, concept if kind == "concept" else segmenter, image, frames,
                               out)
+        elif kind in EDITS:
+            _replay_edit(op, out)
         elif kind in EXTERNAL:
             _replay_external(op, out, n)
         else:
@@ -247,19 +250,69 @@ def replay(provenance: Provenance, image, segmenter, out=None, *, concept=None,
     return out
 
 
+def _lead(k) -> tuple:
+    """The leading indices of a recorded ``slice``: () for null, a list as given."""
+    if k is None:
+        return ()
+    return tuple(int(v) for v in k) if isinstance(k, list | tuple) else (int(k),)
+
+
+def _plane(image, frames, k):
+    """The recorded plane ``k`` of ``image`` (see :func:`_lead`)."""
+    if k is None:
+        return image
+    return plane_of(image, _lead(k)) if isinstance(k, list | tuple) else frames[k]
+
+
 def _replay_prompts(op, segmenter, image, frames, out) -> None:
     k = op.get("slice")
-    plane = image if k is None else frames[k]
-    target = out if k is None else plane_of(out, (k,))
+    plane = _plane(image, frames, k)
+    target = plane_of(out, _lead(k))
     before = np.asarray(target) if any(o.get("mask") and "labels_id" in o["mask"]
                                        for o in op["objects"]) else None
     prompts = [prompt_from_record(o, before) for o in op["objects"]]
+    if op.get("commit") is not None:
+        _replay_commit(op, segmenter, plane, prompts, target)
+        return
     segment(None, segmenter, plane, prompts, ids=[o["id"] for o in op["objects"]],
             limits=_limits(op.get("limits")), out=target,
             tiles=[o.get("tile") for o in op["objects"]], **op["postprocess"])
 
 
+def _replay_commit(op, segmenter, plane, prompts, target) -> None:
+    """A widget commit: each object decoded over its recorded tile (as the preview was),
+    cleaned, and pasted by the commit rule (``postprocess.paste_object``)."""
+    from .postprocess import masks_to_labels, paste_object
+    from .prompts import as_prompts
+
+    prompts = as_prompts(prompts, tuple(plane.shape[:2]))
+    tiles = [o.get("tile") for o in op["objects"]]
+    route = None if all(t is None for t in tiles) else _forced_route(segmenter, plane,
+                                                                     prompts, tiles)
+    decoded = {}
+    for _, objects in segmenter._objects_by_tile(plane, prompts, _limits(op.get("limits")),
+                                                 False, route):
+        decoded.update(objects)
+    overwrite = bool(op["commit"].get("overwrite", False))
+    for i, o in enumerate(op["objects"]):
+        obj = decoded[i]
+        labels = masks_to_labels(obj.logits[None], ids=[o["id"]], **op["postprocess"])
+        region = tuple(slice(int(s.start or 0), int(s.stop)) for s in obj.region)
+        crop = np.array(target[region])
+        idx, values = paste_object(crop, labels > 0, int(o["id"]), overwrite=overwrite)
+        if len(idx[0]):
+            crop[idx] = values
+            target[region] = crop
+
+
 def _replay_propagation(op, segmenter, image, axis, fixed, out) -> None:
+    if "axis" in op:  # a widget run on an image with several leading axes
+        axis = op["axis"]
+        fixed = {int(a): int(v) for a, v in (op.get("fixed") or {}).items()}
+        if len(out.shape) > 3:
+            from .planes import AxisView
+
+            out = AxisView(out, axis, fixed, len(out.shape) - 2)
     by_slice: dict[int, dict] = {}
     for o in op["objects"]:
         by_slice.setdefault(int(o["slice"]), {})[int(o["id"])] = prompt_from_record(o)
@@ -274,25 +327,33 @@ def _replay_instances(op, model, image, frames, out) -> None:
     from .instances import paint_in_sequence
 
     limits, skip = _limits(op.get("limits")), _skip_rule(op.get("skip"))
+    slices = op.get("slices")
+    per_slice = op.get("exemplars_by_slice")  # a widget run: each slice's own exemplars
+    floor = op.get("min_score")  # a widget run: detected above it, painted at threshold
     if op["kind"] == "concept":
-        exemplars = op.get("exemplars")
+        found = {"threshold": op["threshold"]} if floor is None else {
+            "threshold": floor, "min_score": floor}
 
-        def run(plane):
-            return model.detect(plane, op.get("text"), exemplars,
-                                exemplar_labels=op.get("exemplar_labels"),
-                                threshold=op["threshold"], min_area=op["min_area"],
-                                limits=limits, skip=skip, **op["postprocess"])
+        def run(plane, n):
+            ex, ex_labels = op.get("exemplars"), op.get("exemplar_labels")
+            if per_slice is not None:
+                ex, ex_labels = per_slice[n]
+            return model.detect(plane, op.get("text"), ex, exemplar_labels=ex_labels,
+                                min_area=op["min_area"], limits=limits, skip=skip,
+                                **found, **op["postprocess"])
     else:
         settings = dc_replace(SETTINGS, **op["settings"])
 
-        def run(plane):
+        def run(plane, n):
             return generate_everything(model, plane, settings=settings, limits=limits,
                                        skip=skip)
 
-    slices = op.get("slices")
-    pairs = ((run(image), out),) if slices is None else (
-        (run(frames[k]), plane_of(out, (k,))) for k in slices)
-    paint_in_sequence(pairs, start_id=op["start_id"])
+    pairs = ((run(image, 0), out),) if slices is None else (
+        (run(_plane(image, frames, k), n), plane_of(out, _lead(k)))
+        for n, k in enumerate(slices))
+    paint = {} if floor is None or op["kind"] != "concept" else {"threshold": op["threshold"]}
+    paint_in_sequence(pairs, start_id=op["start_id"], overwrite=bool(op.get("overwrite")),
+                      **paint)
 
 
 def _skip_rule(skip: dict | None):
@@ -309,15 +370,34 @@ def _skip_rule(skip: dict | None):
     return EmptyTiles(skip.get("skip_empty"), mask)
 
 
+def _replay_edit(op, out) -> None:
+    """A ``delete`` or ``merge`` of ids, on its slice or everywhere (plane by plane)."""
+    k = op.get("slice")
+    into = int(op.get("into", 0)) if op["kind"] == "merge" else 0
+    leads = [_lead(k)] if k is not None or len(out.shape) == 2 else list(
+        np.ndindex(*out.shape[:-2]))
+    for lead in leads:
+        target = plane_of(out, lead)
+        plane = np.array(target[:, :])
+        hit = np.isin(plane, op["ids"])
+        if hit.any():
+            plane[hit] = into
+            target[:, :] = plane
+
+
 def _replay_external(op, out, n: int) -> None:
     """A brush edit or imported labels written back: the stored values of its region, or
     (an import stored by reference) its ``source`` file, read again."""
     k = op.get("slice")
-    target = out if k is None else plane_of(out, (k,))
+    target = plane_of(out, _lead(k))
     if "values" in op:
         region = op["region"]
         r0, c0, r1, c1 = region["bbox"]
-        target[r0:r1, c0:c1] = decode_values(op["values"], region["shape"])
+        values = decode_values(op["values"], region["shape"])
+        if values.ndim > 2:  # every slice of a stack
+            out[..., r0:r1, c0:c1] = values
+        else:
+            target[r0:r1, c0:c1] = values
         return
     from pathlib import Path
 

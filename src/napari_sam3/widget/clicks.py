@@ -15,7 +15,7 @@ import numpy as np
 from qtpy.QtCore import QObject, QTimer
 
 from ..core.prompts import PromptError
-from . import layer_data
+from . import layer_data, provenance_log
 from .errors import UserError, guarded
 from .image_source import same, unwrap
 from .jobs import ClickRequest
@@ -32,6 +32,8 @@ class Preview:
     region: tuple[slice, slice]
     labels: np.ndarray  # int32, obj_id inside the mask, 0 elsewhere
     spatial_shape: tuple
+    request: ClickRequest | None = None  # what made it (for the provenance of a commit)
+    result: object = None  # its ObjectMask: the tile it was decoded in, its scores
 
     @property
     def mask(self) -> np.ndarray:
@@ -73,6 +75,7 @@ class ClickSegmentation(QObject):
     def __init__(self, session, runner, binder, parent=None):
         super().__init__(parent)
         self.session, self.runner, self.binder = session, runner, binder
+        self.recorder = provenance_log.recorder(session, binder)
         self.live = True
         self.preview: Preview | None = None
         self.mask_prompt: tuple[int, tuple, np.ndarray] | None = None  # (id, slice, mask)
@@ -279,7 +282,7 @@ class ClickSegmentation(QObject):
             return
         obj, labels = result
         region = tuple(slice(int(s.start or 0), int(s.stop)) for s in obj.region)
-        self.show(Preview(req.obj_id, req.lead, region, labels, req.spatial_shape))
+        self.show(Preview(req.obj_id, req.lead, region, labels, req.spatial_shape, req, obj))
         area = int(np.count_nonzero(labels))
         note = f"; {req.ignored} non-rectangle shape(s) ignored" if req.ignored else ""
         where = _where(req.lead)
@@ -370,11 +373,16 @@ class ClickSegmentation(QObject):
 
         key = st.lead + st.region
         crop = target.read(key)
-        idx, values = paste_object(crop, st.mask, obj_id, overwrite=session.post.overwrite)
+        overwrite = session.post.overwrite
+        idx, values = paste_object(crop, st.mask, obj_id, overwrite=overwrite)
         if len(idx[0]):
+            op = self._commit_op(st, obj_id, target, overwrite)
             new = crop.copy()
             new[idx] = values
-            target.write_region(key, crop, new)
+            with self.recorder.writing(labels):
+                target.write_region(key, crop, new)
+            if op is not None:
+                self.recorder.append(labels, op, key)
         session.wrote(labels, obj_id)
         written = int(np.count_nonzero(values == obj_id))
         binder.remove_prompts(obj_id, st.lead)
@@ -390,6 +398,26 @@ class ClickSegmentation(QObject):
             text = f"Object {obj_id}{where}: nothing new to commit (its pixels were already there)"
         session.status(f"{text}; now object {new_id}")
         return True
+
+    def _commit_op(self, st: Preview, obj_id: int, target, overwrite: bool) -> dict | None:
+        """The ``prompts`` operation of committing ``st`` (before it is written): its
+        prompt, tile and scores; a mask prompt (Refine selected) as a reference to the
+        label it was taken from when those pixels are unchanged, else stored."""
+        from ..core.provenance import prompts_op
+
+        req = st.request
+        if req is None:
+            return None
+        refs = None
+        if req.prompt.mask is not None and np.array_equal(target.read(st.lead) == obj_id,
+                                                          req.prompt.mask):
+            refs = {0: {"labels_id": int(obj_id)}}
+        op = prompts_op([req.prompt], [obj_id], [st.result],
+                        slice_index=provenance_log.slice_of(st.lead), limits=req.limits,
+                        max_hole_area=req.max_hole_area,
+                        max_sprinkle_area=req.max_sprinkle_area, mask_refs=refs)
+        op["commit"] = {"overwrite": bool(overwrite)}
+        return op
 
     def new_object(self) -> int:
         """Switch to a fresh object id: one more than any label or prompt id."""

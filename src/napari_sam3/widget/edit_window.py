@@ -98,8 +98,16 @@ class EditWindow:
             rows, cols = self._key[-2], self._key[-1]
             full = tuple(np.full(n, v, dtype=np.intp) for v in lead) + (
                 where[0] + rows.start, where[1] + cols.start)
+            from .provenance_log import recorder
+
             target = binder.target(self._labels)
-            target.set_pixels(full, edited[changed])
+            log = recorder(session, binder)
+            with log.writing(self._labels):
+                target.set_pixels(full, edited[changed])
+            r0, c0 = int(where[0].min()), int(where[1].min())
+            box = [rows.start + r0, cols.start + c0, rows.start + int(where[0].max()) + 1,
+                   cols.start + int(where[1].max()) + 1]
+            log.record_values(self._labels, {tuple(lead): box}, "edit window")
             session.wrote(self._labels, int(edited.max()))
         name = self._labels.name
         self.close()

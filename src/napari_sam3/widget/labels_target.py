@@ -95,6 +95,7 @@ class PyramidLabels:
         raw.bind_key(UNDO_KEY, lambda *_: self.undo(), overwrite=True)
         raw.bind_key(REDO_KEY, lambda *_: self.redo(), overwrite=True)
         self._after_landing: list = []
+        self.restored = None  # restored(keys, "undo" | "redo"): after each undo and redo
         if hasattr(pyramid, "on_written"):
             from superqt.utils import ensure_main_thread
 
@@ -185,10 +186,17 @@ class PyramidLabels:
             self.layer.refresh()
 
     def undo(self) -> bool:
-        return self.history.undo()
+        return self._restore(self.history.undo_items, self.history.undo, "undo")
 
     def redo(self) -> bool:
-        return self.history.redo()
+        return self._restore(self.history.redo_items, self.history.redo, "redo")
+
+    def _restore(self, items: list, swap, name: str) -> bool:
+        keys = [atom[0] for atom in items[-1]] if items else []
+        done = swap()
+        if done and keys and self.restored is not None:
+            self.restored(keys, name)
+        return done
 
 
 class LabelTargets:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core import planes
-from . import layer_data
+from . import layer_data, provenance_log
 from .errors import UserError
 from .image_source import same, unwrap
 from .labels_target import REGION_UNDO_PIXELS
@@ -51,6 +51,8 @@ class InstanceRun:
     threshold: float | None = None
     ids: tuple[int, int] | None = None  # (first, last) id written, None when none
     count: int = 0
+    record: dict | None = None  # its provenance operation, but for threshold and instances
+    op: dict | None = None  # the operation in the labels' log, once written
 
 
 def start_run(session, binder, task, threshold: float | None = None) -> None:
@@ -80,10 +82,66 @@ def start_run(session, binder, task, threshold: float | None = None) -> None:
         base_features=_base_features(labels),
         n_lead=task.n_lead,
         spatial_shape=tuple(task.spatial_shape),
+        record=_run_record(task),
     )
     session.last_run = None
     if write_run(session, binder, run, threshold) and same(labels, binder.labels_layer):
         session.last_run = run  # (a run of an image no longer chosen is written, not kept)
+
+
+def _run_record(task) -> dict | None:
+    """The ``concept`` / ``everything`` operation of a finished task (threshold, start id
+    and instances are set when it is written)."""
+    from ..core.provenance import jsonable
+    from ..core.replay import concept_op, everything_op
+
+    slices = None if not task.n_lead else [provenance_log.slice_of(lead)
+                                           for lead, _ in task.results]
+    if task.kind != "concept":
+        return everything_op(task.settings, limits=task.limits, slices=slices, start_id=0,
+                             instances=[])
+    concept = task.holder.get("concept")
+    if concept is None:
+        return None
+    o = task.options
+    ex = [jsonable([boxes, labels]) for _, _, boxes, labels in task.planes]
+    op = concept_op(concept, task.text, ex[0][0], ex[0][1], threshold=o["threshold"],
+                    min_area=0, limits=o["limits"], max_hole_area=o["max_hole_area"],
+                    max_sprinkle_area=o["max_sprinkle_area"], slices=slices, start_id=0,
+                    instances=[])
+    if any(e != ex[0] for e in ex[1:]):
+        op["exemplars_by_slice"] = ex
+    op["min_score"] = min(float(o["min_score"]), float(o["threshold"]))
+    return op
+
+
+def _record_run(session, binder, run: InstanceRun, tables, threshold) -> None:
+    """The run in the labels' provenance: its operation, replaced while it is the last
+    one (a threshold change); else the values it left over its regions."""
+    recorder = provenance_log.recorder(session, binder)
+    if run.record is None:
+        op = None
+    else:
+        instances = [{"id": int(i), "slice": provenance_log.slice_of(p.lead),
+                      "score": float(sc), "area": int(a)}
+                     for p, t in tables for i, sc, a in zip(t["index"], t["score"], t["area"],
+                                                            strict=True)]
+        op = {**run.record, "start_id": int(run.start_id), "instances": instances,
+              "overwrite": bool(session.post.overwrite)}
+        if run.kind == "concept":
+            op["threshold"] = float(threshold)
+    if op is not None and run.op is None:
+        run.op = recorder.append(run.labels, op)
+        return
+    if op is not None and (new := recorder.replace(run.labels, run.op, op)) is not None:
+        run.op = new
+        return
+    _record_regions(recorder, run, f"{run.kind} result rewritten")
+
+
+def _record_regions(recorder, run: InstanceRun, note: str) -> None:
+    boxes = {p.lead: list(p.region) for p in run.planes if p.region is not None}
+    recorder.record_values(run.labels, boxes, note)
 
 
 def _currents(session, binder, run: InstanceRun) -> list | None:
@@ -205,9 +263,11 @@ def write_run(session, binder, run: InstanceRun, threshold: float | None) -> boo
         threshold=threshold,
     )
     tables = [_feature_rows(run, p) for p in painted]
-    undoable = _write_planes(run, binder.target(run.labels), currents,
-                             [outs.get(id(p)) for p in run.planes])
+    with provenance_log.recorder(session, binder).writing(run.labels):
+        undoable = _write_planes(run, binder.target(run.labels), currents,
+                                 [outs.get(id(p)) for p in run.planes])
     _set_features(run.labels, run.base_features, tables)
+    _record_run(session, binder, run, list(zip(painted, tables, strict=True)), threshold)
     ids = [int(i) for t in tables for i in t["index"]]
     run.threshold = threshold
     run.count = len(ids)
@@ -252,7 +312,11 @@ def clear_run(session, binder) -> bool:
     if currents is None:
         return False
     outs = [None if p.region is None else p.base for p in run.planes]
-    _write_planes(run, binder.target(run.labels), currents, outs)
+    recorder = provenance_log.recorder(session, binder)
+    with recorder.writing(run.labels):
+        _write_planes(run, binder.target(run.labels), currents, outs)
+    if run.op is None or not recorder.drop_last(run.labels, run.op):
+        _record_regions(recorder, run, f"{run.kind} result cleared")
     run.labels.features = run.base_features
     session.last_run = None
     session.status(f"Cleared the last result ({run.count} instance(s) removed)")

@@ -7,7 +7,9 @@ end (on the GUI thread). The base class holds what every task has: progress and 
 
 from __future__ import annotations
 
-from . import jobs, layer_data, results
+from types import SimpleNamespace
+
+from . import jobs, layer_data, provenance_log, results
 from .errors import UserError, user_message
 
 
@@ -95,7 +97,9 @@ class PropagationTask(LongTask):
         self.stack, self.prompts, self.kwargs, self.post = stack, prompts, kwargs, post
         self.total = kwargs["stop"] - kwargs["start"]
         self.written: set[int] = set()
+        self.summaries: list = []  # per slice written: index, region, ids, object scores
         self.source_note = source_note
+        self.recorder = provenance_log.recorder(session, binder)
 
     def job(self, progress) -> tuple:
         s = self.session
@@ -111,9 +115,14 @@ class PropagationTask(LongTask):
             self.session.report(
                 "SAM3: the labels layer was removed: propagation stopped", "warning")
             return
-        write_slice(self.view, result, self.post.max_hole_area, self.post.max_sprinkle_area)
+        with self.recorder.writing(self.labels):
+            write_slice(self.view, result, self.post.max_hole_area,
+                        self.post.max_sprinkle_area)
         self.labels.refresh()
         self.written.add(int(result.index))
+        self.summaries.append(SimpleNamespace(
+            index=int(result.index), region=tuple(result.region), ids=list(result.ids),
+            object_scores=[float(v) for v in result.object_scores]))
         self.done = len(self.written)
         self.session.wrote(self.labels, self.obj_id)
         self.session.status(
@@ -121,7 +130,35 @@ class PropagationTask(LongTask):
             f"(slice {result.index})"
         )
 
+    def _record(self) -> None:
+        """The run in the labels' provenance: a ``propagation`` operation, or (cancelled,
+        failed) the values of the slices it wrote."""
+        if not self.summaries or not self.binder.alive(self.labels):
+            return
+        view = self.view.target
+        if self.cancelled or self.failed:
+            boxes = {}
+            for r in self.summaries:
+                rows, cols = r.region
+                boxes[view.lead(r.index)] = [rows.start or 0, cols.start or 0, rows.stop,
+                                             cols.stop]
+            self.recorder.record_values(self.labels, boxes, "propagation stopped early")
+            return
+        from ..core.replay import propagation_op
+
+        kw = self.kwargs
+        op = propagation_op(self.prompts, kw["direction"], kw["start"], kw["stop"],
+                            limits=kw["limits"], score_threshold=0.0,
+                            stop_after=kw["stop_after"],
+                            max_hole_area=self.post.max_hole_area,
+                            max_sprinkle_area=self.post.max_sprinkle_area,
+                            results=self.summaries)
+        if view.n_lead > 1:
+            op["axis"], op["fixed"] = int(kw["axis"]), dict(kw["fixed"])
+        self.recorder.append(self.labels, op)
+
     def on_finished(self) -> None:
+        self._record()
         if self.failed:
             return
         done = sorted(self.written)

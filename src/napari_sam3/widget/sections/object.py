@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
     QFormLayout,
@@ -12,8 +13,10 @@ from qtpy.QtWidgets import (
 )
 
 from ...core.defaults import MAX_ID
+from .. import layer_data, provenance_log
 from ..clicks import ClickSegmentation
-from ..errors import guarded
+from ..errors import UserError, guarded
+from ..image_source import unwrap
 
 # Keys of the annotation loop, bound on the viewer (napari's own single-letter keys stay)
 SHORTCUTS = {
@@ -69,6 +72,24 @@ class ObjectSection(QWidget):
         )
         self.refine_button.clicked.connect(self._on_refine_clicked)
         form.addRow(self.refine_button)
+        row = QHBoxLayout()
+        self.delete_button = QPushButton("Delete label")
+        self.delete_button.setToolTip(
+            "Set the labels layer's selected label to 0 on the current slice (the whole "
+            "image when it is 2D); Ctrl+Z undoes")
+        self.delete_button.clicked.connect(self._on_delete_clicked)
+        row.addWidget(self.delete_button)
+        self.merge_id_spin = QSpinBox()
+        self.merge_id_spin.setRange(1, MAX_ID)
+        self.merge_id_spin.setToolTip("The label to merge into the selected one")
+        row.addWidget(self.merge_id_spin)
+        self.merge_button = QPushButton("Merge into selected")
+        self.merge_button.setToolTip(
+            "Give the label on the left the labels layer's selected label, on the current "
+            "slice (the whole image when it is 2D); Ctrl+Z undoes")
+        self.merge_button.clicked.connect(self._on_merge_clicked)
+        row.addWidget(self.merge_button)
+        form.addRow(row)
         tips = {
             "segment": (self.segment_button, "Segment the current object now"),
             "commit": (self.commit_button, "Write the preview into the labels layer (Ctrl+Z undoes)"),
@@ -107,6 +128,62 @@ class ObjectSection(QWidget):
 
     def refine_selected(self) -> bool:
         return self.clicks.refine_selected()
+
+    def delete_label(self, label: int | None = None) -> bool:
+        """Set ``label`` (default: the labels layer's selected label) to 0 on the current
+        slice (one undo step, recorded for replay)."""
+        return self._edit_ids("delete", label)
+
+    def merge_into_selected(self, other: int | None = None) -> bool:
+        """Give ``other`` (default: the spin box's) the labels layer's selected label on
+        the current slice (one undo step, recorded for replay)."""
+        other = int(self.merge_id_spin.value()) if other is None else int(other)
+        return self._edit_ids("merge", other)
+
+    def _edit_ids(self, kind: str, label: int | None) -> bool:
+        session, binder = self.session, self.binder
+        labels = binder.labels_layer
+        if labels is None:
+            session.report("SAM3: no labels layer: choose one in the widget")
+            return False
+        selected = int(unwrap(labels).selected_label)
+        source, into = (selected if label is None else int(label), 0) if kind == "delete" \
+            else (int(label), selected)
+        try:
+            if source <= 0 or (kind == "merge" and (into <= 0 or into == source)):
+                raise UserError(
+                    "select the label to delete in the labels layer first" if kind == "delete"
+                    else f"select the label to merge {source} into (another than {source})")
+            src = binder.source()
+            binder.labels_for(src)
+            target = binder.target(labels)
+        except (UserError, layer_data.LayerError) as exc:
+            session.report(f"SAM3: {exc}")
+            return False
+        from ...core.postprocess import mask_box
+        from ...core.provenance import edit_op
+
+        lead = binder.current_slice(src)
+        where = f" on {layer_data.format_slice(lead)}" if lead else ""
+        hit = np.asarray(target.read(lead)) == source
+        if not hit.any():
+            session.report(f"SAM3: label {source} has no pixels in '{labels.name}'{where}")
+            return False
+        rows, cols = mask_box(hit)
+        key = lead + (rows, cols)
+        old = target.read(key)
+        new = np.where(hit[rows, cols], into, old).astype(old.dtype)
+        recorder = provenance_log.recorder(session, binder)
+        with recorder.writing(labels):
+            target.write_region(key, old, new)
+        recorder.append(labels, edit_op(kind, [source], into=into,
+                                        slice_index=provenance_log.slice_of(lead)), key)
+        if into:
+            session.wrote(labels, into)
+        n = int(hit.sum())
+        session.status(f"Deleted label {source}{where} ({n} px)" if kind == "delete" else
+                       f"Merged label {source} into {into}{where} ({n} px)")
+        return True
 
     def toggle_polarity(self) -> bool:
         """Flip the polarity of new points and of the selected points; returns the new one."""
@@ -182,3 +259,11 @@ class ObjectSection(QWidget):
     @guarded
     def _on_cancel_clicked(self, *_) -> None:
         self.cancel()
+
+    @guarded
+    def _on_delete_clicked(self, *_) -> None:
+        self.delete_label()
+
+    @guarded
+    def _on_merge_clicked(self, *_) -> None:
+        self.merge_into_selected()
