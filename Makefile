@@ -14,6 +14,7 @@ GUI_TESTS := tests/test_widget.py tests/test_widget_sections.py tests/test_widge
   tests/test_widget_concept.py tests/test_widget_history_save.py tests/test_cold_start.py \
   tests/test_widget_clicks.py tests/test_labels_pyramid.py tests/test_view_lazy.py \
   tests/test_manifest.py tests/test_distributed_widget.py tests/test_ngff.py::test_napari_ome_zarr_reads_labels_aligned \
+  tests/test_widget_provenance.py tests/test_widget_session.py \
   tests/test_cli.py::test_view_bad_image_is_one_line \
   tests/test_cli.py::test_view_screenshot
 DEMO_MODEL ?= facebook/sam3

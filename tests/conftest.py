@@ -51,3 +51,20 @@ def _scratch_in_pytest_tmp(tmp_path_factory):
     tempfile.tempdir = str(tmp_path_factory.mktemp("system-tmp"))
     yield
     tempfile.tempdir = before
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _autosaves_in_pytest_tmp(tmp_path_factory):
+    """The widget's autosaves (and those of napari subprocesses the tests start) land in
+    pytest's tmp, never in the user's data folder."""
+    import os
+
+    from napari_sam3.core.session_folder import AUTOSAVE_ENV
+
+    before = os.environ.get(AUTOSAVE_ENV)
+    os.environ[AUTOSAVE_ENV] = str(tmp_path_factory.mktemp("autosave"))
+    yield
+    if before is None:
+        os.environ.pop(AUTOSAVE_ENV, None)
+    else:
+        os.environ[AUTOSAVE_ENV] = before

@@ -329,7 +329,8 @@ def test_usable_at_1366x768(make_napari_viewer, qtbot, tmp_path):
     scroll = widget.scroll_area
     viewport = scroll.viewport()
     scroll_sections = [a for a in widget.collapsibles if a != "object_section"]
-    assert scroll_sections == ["model_section", "layers_section", "cache_section",
+    assert scroll_sections == ["model_section", "layers_section", "session_section",
+                               "cache_section",
                                "propagate_section", "instances_section", "post_section"]
     assert scroll.verticalScrollBar().maximum() > 0  # all open: it does need scrolling
     assert scroll.horizontalScrollBar().maximum() == 0, (  # nothing cut off on the right

@@ -26,7 +26,9 @@ from .sections.model import ModelSection
 from .sections.object import ObjectSection
 from .sections.post import PostSection
 from .sections.propagate import PropagateSection
+from .sections.session import SessionSection
 from .session import Session
+from .session_store import SessionStore, WidgetSettings
 
 if TYPE_CHECKING:
     import napari
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 SECTIONS = (
     ("model_section", "Model", True),
     ("layers_section", "Layers", True),
+    ("session_section", "Session", False),
     ("cache_section", "Cache and large images", False),
     ("propagate_section", "Propagate (z-stacks, time series)", False),
     ("instances_section", "Segment everything / concepts", False),
@@ -72,8 +75,9 @@ class Sam3Widget(QWidget):
     Parts (public, for scripts and tests): ``session`` (state: ``segmenter``,
     ``object_id``, ``concept``, ``last_run``), ``runner`` (workers), ``binder`` (layers),
     and the sections ``model_section``, ``layers_section``, ``cache_section``,
-    ``object_section``, ``propagate_section``, ``instances_section``, ``post_section``;
-    ``status`` is the status line's text.
+    ``object_section``, ``propagate_section``, ``instances_section``, ``post_section``,
+    ``session_section`` (over ``store``: save, open, autosave); ``status`` is the status
+    line's text.
     """
 
     _docked = False  # Qt sends events during construction: class defaults
@@ -93,7 +97,11 @@ class Sam3Widget(QWidget):
         self.instances_section = InstancesSection(session, runner, binder)
         self.post_section = PostSection(session)
         self.encoded_overlay = EncodedOverlay(session, runner, binder, self)
+        self.store = SessionStore(session, binder, WidgetSettings(
+            self.model_section, self.cache_section, self.post_section), self)
+        self.session_section = SessionSection(session, self.store)
         self._build()
+        self.store.offer.connect(self._on_offer)
         session.status_changed.connect(self.status_label.setText)
         runner.changed.connect(self._update_progress)
         self._keys = self.object_section.bind_keys(napari_viewer)
@@ -151,10 +159,14 @@ class Sam3Widget(QWidget):
     def busy(self) -> bool:
         """True while a live update or a threshold rewrite is scheduled or any worker runs."""
         return (self.runner.busy or self.object_section.clicks.busy or self.binder.busy
-                or self.instances_section.busy)
+                or self.instances_section.busy or self.store.busy or self.cache_section.busy)
 
     def cancel(self) -> bool:
         return self.object_section.cancel()
+
+    def _on_offer(self, folder) -> None:
+        if folder is not None and not self.session.closed:  # the Restore row in view
+            self.collapsibles["session_section"].expand(animate=False)
 
     def _update_progress(self) -> None:
         progress, bar = self.runner.progress, self.progress_bar

@@ -1,0 +1,112 @@
+"""What a session keeps of the widget, taken on the GUI thread: the settings in the
+sections' fields, the image reference, the points and boxes; and putting them back."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import layer_data, prompt_layers
+from .image_source import level0, unwrap
+
+
+class WidgetSettings:
+    """The settings a session keeps (model, device, cache folder, tiling,
+    post-processing), read from and written into the sections' fields."""
+
+    def __init__(self, model_section, cache_section, post_section):
+        self.model, self.cache, self.post = model_section, cache_section, post_section
+
+    def read(self, session) -> dict:
+        post = session.post
+        return {"model": self.model.model_edit.text().strip(),
+                "device": self.model.device_combo.currentText(),
+                "cache": session.cache_path,
+                "tiling": None if session.tiling is None else list(session.tiling),
+                "postprocess": {"max_hole_area": int(post.max_hole_area),
+                                "max_sprinkle_area": int(post.max_sprinkle_area),
+                                "overwrite": bool(post.overwrite)}}
+
+    def apply(self, settings: dict) -> None:
+        """Set the fields (the sections pass them on to the session as the user's edits)."""
+        if settings.get("model"):
+            self.model.model_edit.setText(str(settings["model"]))
+        device = settings.get("device")
+        if device and self.model.device_combo.findText(device) >= 0:
+            self.model.device_combo.setCurrentText(device)
+        if "cache" in settings:
+            self.cache.cache_edit.setText(settings.get("cache") or "")
+        if settings.get("tiling"):
+            tile, overlap = (int(v) for v in settings["tiling"])
+            self.cache.tile_spin.setValue(tile)
+            self.cache.overlap_spin.setValue(overlap)
+        post = settings.get("postprocess") or {}
+        if "max_hole_area" in post:
+            self.post.max_hole_area.setValue(int(post["max_hole_area"]))
+        if "max_sprinkle_area" in post:
+            self.post.max_sprinkle_area.setValue(int(post["max_sprinkle_area"]))
+        if "overwrite" in post:
+            self.post.overwrite_checkbox.setChecked(bool(post["overwrite"]))
+
+
+def source_path(layer) -> str | None:
+    """The file an image layer was read from (napari's ``source.path``), if any."""
+    path = getattr(getattr(unwrap(layer), "source", None), "path", None)
+    return None if not path else str(path)
+
+
+def image_ref(layer) -> dict:
+    """Path, name, shape, dtype and RGB of an image layer (no fingerprint: a worker's)."""
+    raw = unwrap(layer)
+    data = level0(raw)
+    return {"path": source_path(raw), "name": raw.name,
+            "shape": [int(s) for s in data.shape], "dtype": str(np.dtype(data.dtype)),
+            "rgb": bool(raw.rgb)}
+
+
+def points_record(layer) -> dict | None:
+    if layer is None:
+        return None
+    n = len(layer.data)
+    data = np.asarray(layer.data, float).reshape(n, layer.ndim)
+    return {"name": layer.name, "data": data.tolist(),
+            "object_id": layer_data.feature_column(layer.features, "object_id", n, 0)
+            .astype(int).tolist(),
+            "positive": layer_data.feature_column(layer.features, "positive", n, True)
+            .astype(bool).tolist()}
+
+
+def boxes_record(layer) -> dict | None:
+    if layer is None:
+        return None
+    n = len(layer.data)
+    return {"name": layer.name, "data": [np.asarray(d, float).tolist() for d in layer.data],
+            "shape_type": [str(t) for t in layer.shape_type],
+            "object_id": layer_data.feature_column(layer.features, "object_id", n, 0)
+            .astype(int).tolist()}
+
+
+def paint_regions(event, ndim: int) -> list[tuple]:
+    """The bounding boxes (tuples of slices) of a napari Labels paint event's edits, per
+    slice (NumPy-index atoms of napari 0.5 and masked atoms of napari 0.9 alike)."""
+    from .provenance_log import changed_boxes
+
+    atoms = getattr(event, "value", None) or []
+    return [tuple(slice(v, v + 1) for v in lead) + (slice(b[0], b[2]), slice(b[1], b[3]))
+            for lead, b in changed_boxes(atoms, ndim).items()]
+
+
+def restore_prompts(points, boxes, record: dict) -> None:
+    """Fill the (empty) points and boxes layers with a session record's prompts."""
+    import pandas as pd
+
+    rec = record.get("points") or {}
+    if points is not None and rec.get("data"):
+        points.data = np.asarray(rec["data"], float)
+        points.features = pd.DataFrame({"object_id": np.asarray(rec["object_id"], int),
+                                        "positive": np.asarray(rec["positive"], bool)})
+        prompt_layers.recolor(points, "face_color")
+    rec = record.get("boxes") or {}
+    if boxes is not None and rec.get("data"):
+        boxes.add([np.asarray(d, float) for d in rec["data"]],
+                  shape_type=list(rec["shape_type"]))
+        boxes.features = pd.DataFrame({"object_id": np.asarray(rec["object_id"], int)})

@@ -1,0 +1,293 @@
+"""Sessions in the widget never lose work (real viewer under Xvfb, real widget).
+
+- Save session, close the viewer, Open session in a new viewer: points, boxes (ids and
+  polarity), labels, ids and settings come back, and the next commit gets max + 1;
+- a process killed after a commit (once its autosave landed) loses nothing: a fresh
+  viewer offers the autosave and *Restore* brings the committed labels back;
+- a folder holding something else is refused and left untouched; a session whose image
+  changed says so in one line and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from gui import WAIT_MS, dock, load, press, unwrap, wait_idle
+
+from napari_sam3.core import session_folder as sf
+
+HERE = Path(__file__).resolve().parent
+
+
+def cells(shape=(72, 120)):
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    img = (200 + 600 * np.exp(-((rows - 30) ** 2 + (cols - 40) ** 2) / 200)
+           + 500 * np.exp(-((rows - 45) ** 2 + (cols - 85) ** 2) / 150))
+    img = img + np.random.default_rng(0).normal(0, 30, img.shape)
+    return img.astype(np.uint16)
+
+
+@pytest.fixture
+def autosave_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "autosave"
+    monkeypatch.setenv(sf.AUTOSAVE_ENV, str(folder))
+    return folder
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "cells.tif"
+    tifffile.imwrite(path, cells())
+    return path
+
+
+def open_image(viewer, widget, qtbot, path):
+    (layer,) = viewer.open(str(path))
+    qtbot.waitUntil(lambda: unwrap(widget.binder.image_layer) is layer
+                    and widget.binder.points_layer is not None
+                    and widget.binder.labels_layer is not None, timeout=WAIT_MS)
+    wait_idle(widget, qtbot)
+    return layer
+
+
+def layers_of(widget):
+    b = widget.binder
+    return unwrap(b.points_layer), unwrap(b.shapes_layer), unwrap(b.labels_layer)
+
+
+def commit_point(widget, qtbot, points, row, col):
+    obj = widget.session.object_id
+    points.add([[row, col]])
+    wait_idle(widget, qtbot)
+    assert widget.object_section.preview_mask is not None, widget.status
+    press(qtbot, widget.object_section.commit_button)
+    wait_idle(widget, qtbot)
+    assert "Committed object" in widget.status, widget.status
+    return obj
+
+
+def test_save_close_open_in_a_new_viewer_and_continue(make_napari_viewer, qtbot, tmp_path,
+                                                      tiny_tracker_dir, autosave_dir,
+                                                      image_file):
+    viewer, widget = dock(make_napari_viewer)
+    load(widget, qtbot, tiny_tracker_dir)
+    widget.cache_section.tile_spin.setValue(1024)
+    widget.cache_section.overlap_spin.setValue(64)
+    widget.post_section.max_hole_area.setValue(7)
+    widget.post_section.overwrite_checkbox.setChecked(True)
+    open_image(viewer, widget, qtbot, image_file)
+    points, boxes, labels = layers_of(widget)
+    assert commit_point(widget, qtbot, points, 30, 40) == 1
+    assert commit_point(widget, qtbot, points, 45, 85) == 2
+    committed = labels.data.copy()
+    assert set(np.unique(committed)) <= {0, 1, 2} and (committed == 2).any()
+    # the autosave followed both commits
+    assert widget.store.last_autosave is not None
+    assert widget.store.last_autosave.parent == autosave_dir
+    np.testing.assert_array_equal(sf.read_labels(widget.store.last_autosave).read(), committed)
+    # object 3 in progress: a positive and a negative point and a box
+    assert widget.session.object_id == 3
+    widget.object_section.clicks.set_live(False)
+    points.add([[20, 100]])
+    points.selected_data = set()  # set_positive flips the selected points too
+    widget.binder.set_positive(False)
+    points.add([[60, 10]])
+    boxes.add([np.array([[10, 90], [10, 115], [35, 115], [35, 90]], float)],
+              shape_type="rectangle")
+    wait_idle(widget, qtbot)
+    saved_points, saved_features = points.data.copy(), points.features.copy()
+    assert saved_features["object_id"].tolist() == [3, 3]
+    assert saved_features["positive"].tolist() == [True, False]
+    assert boxes.features["object_id"].tolist() == [3]
+
+    folder = tmp_path / "my session"
+    assert widget.session_section.save_session(str(folder))
+    wait_idle(widget, qtbot)
+    assert "Saved the session" in widget.status, widget.status
+    assert sf.is_session(folder)
+    assert not list(autosave_dir.iterdir())  # the autosave it replaced is gone
+    rec = sf.read_record(folder)
+    assert rec["image"]["path"] == str(image_file) and rec["object_id"] == 3
+    assert rec["settings"]["tiling"] == [1024, 64]
+    assert rec["settings"]["postprocess"] == {"max_hole_area": 7, "max_sprinkle_area":
+                                              widget.post_section.max_sprinkle_area.value(),
+                                              "overwrite": True}
+    viewer.close()
+
+    viewer2, widget2 = dock(make_napari_viewer)
+    assert widget2.session_section.open_session(str(folder))
+    qtbot.waitUntil(lambda: widget2.store.last_opened == folder, timeout=WAIT_MS)
+    wait_idle(widget2, qtbot)
+    image2 = unwrap(widget2.binder.image_layer)
+    assert image2.source.path == str(image_file)  # opened from its path, not copied
+    points2, boxes2, labels2 = layers_of(widget2)
+    np.testing.assert_array_equal(labels2.data, committed)
+    np.testing.assert_array_equal(points2.data, saved_points)
+    assert points2.features["object_id"].tolist() == [3, 3]
+    assert points2.features["positive"].tolist() == [True, False]
+    np.testing.assert_array_equal(boxes2.data[0], boxes.data[0])
+    assert boxes2.features["object_id"].tolist() == [3]
+    assert widget2.model_section.model_edit.text() == str(tiny_tracker_dir)
+    assert widget2.cache_section.tile_spin.value() == 1024
+    assert widget2.cache_section.overlap_spin.value() == 64
+    assert widget2.session.tiling == (1024, 64)
+    assert widget2.post_section.max_hole_area.value() == 7
+    assert widget2.session.post.overwrite
+    assert widget2.session.object_id == 3  # the object being edited, max + 1
+
+    # continue: the model, then object 3 is committed and the next id is 4
+    load(widget2, qtbot, tiny_tracker_dir)
+    widget2.post_section.overwrite_checkbox.setChecked(False)  # objects 1 and 2 keep theirs
+    assert widget2.object_section.segment_current()
+    wait_idle(widget2, qtbot)
+    press(qtbot, widget2.object_section.commit_button)
+    wait_idle(widget2, qtbot)
+    assert (labels2.data == 3).any(), widget2.status
+    np.testing.assert_array_equal(labels2.data[committed > 0], committed[committed > 0])
+    assert widget2.session.object_id == 4
+    # autosaves now go into the opened session
+    np.testing.assert_array_equal(sf.read_labels(folder).read(), labels2.data)
+    assert widget2.store.last_autosave == folder
+
+
+def test_a_killed_process_loses_no_commit(make_napari_viewer, qtbot, tmp_path, tiny_tracker_dir,
+                                          autosave_dir, image_file):
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        pytest.skip("needs a display (make test runs under Xvfb)")
+    out = tmp_path / "committed.npy"
+    env = {**os.environ, "QT_QPA_PLATFORM": "xcb", sf.AUTOSAVE_ENV: str(autosave_dir)}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    script = HERE / "scripts" / "session_autosave_kill.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_tracker_dir),
+                             str(image_file), "30", "40", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("AUTOSAVED "):
+                break
+        else:
+            pytest.fail("the process ended before its autosave:\n" + "".join(lines)[-4000:])
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    folder = Path(lines[-1].split(" ", 1)[1].strip())
+    committed = np.load(out)
+    assert committed.any() and folder.parent == autosave_dir and sf.is_session(folder)
+
+    viewer, widget = dock(make_napari_viewer)
+    open_image(viewer, widget, qtbot, image_file)
+    qtbot.waitUntil(lambda: widget.store.offered == folder, timeout=WAIT_MS)
+    assert widget.session_section.offer_row.isVisible()
+    press(qtbot, widget.session_section.restore_button)
+    qtbot.waitUntil(lambda: widget.store.last_opened == folder, timeout=WAIT_MS)
+    wait_idle(widget, qtbot)
+    _, _, labels = layers_of(widget)
+    np.testing.assert_array_equal(labels.data, committed)
+    assert widget.session.object_id == int(committed.max()) + 1
+    assert not widget.session_section.offer_row.isVisible()
+
+
+def test_a_foreign_folder_is_refused_and_a_changed_image_is_reported(
+        make_napari_viewer, qtbot, tmp_path, autosave_dir, image_file):
+    viewer, widget = dock(make_napari_viewer)
+    layer = open_image(viewer, widget, qtbot, image_file)
+    _, _, labels = layers_of(widget)
+    labels.data_setitem((np.array([5, 6]), np.array([7, 7])), 4)  # a brush edit
+    wait_idle(widget, qtbot)
+    assert widget.store.last_autosave is not None  # edits are autosaved too
+    other = tmp_path / "project"
+    other.mkdir()
+    (other / "data.csv").write_text("1,2\n")
+    assert not widget.session_section.save_session(str(other))
+    assert "not empty and is not a napari-sam3 session" in widget.status
+    assert "\n" not in widget.status
+    assert [p.name for p in other.iterdir()] == ["data.csv"]
+    assert (other / "data.csv").read_text() == "1,2\n"
+    assert not widget.session_section.open_session(str(other))
+    assert "is not a napari-sam3 session folder" in widget.status
+
+    folder = tmp_path / "s"
+    assert widget.session_section.save_session(str(folder))
+    wait_idle(widget, qtbot)
+    assert sf.is_session(folder)
+    viewer.layers.remove(layer)
+    edited = cells()
+    edited[0, 0] += 1
+    tifffile.imwrite(image_file, edited)
+    assert widget.session_section.open_session(str(folder))
+    qtbot.waitUntil(lambda: "was not opened" in widget.status, timeout=WAIT_MS)
+    wait_idle(widget, qtbot)
+    assert "image changed since it was saved" in widget.status
+    assert "\n" not in widget.status
+    assert sf.read_record(folder)["labels"]["shape"] == [72, 120]  # the session is kept
+
+
+def test_pyramid_labels_autosave_only_the_written_regions_and_reopen(
+        make_napari_viewer, qtbot, tmp_path, tiny_tracker_dir, autosave_dir, monkeypatch):
+    from gui import key
+
+    import napari_sam3.core.pyramid as pyramid_mod
+    from napari_sam3.widget import scratch_labels
+
+    monkeypatch.setattr(scratch_labels, "PYRAMID_PIXELS", 50_000)
+    monkeypatch.setattr(pyramid_mod, "TOP", 64)
+    regions = []
+    update = sf.update_labels
+
+    def spy(folder, source, region=None):
+        regions.append(region)
+        return update(folder, source, region)
+
+    monkeypatch.setattr(sf, "update_labels", spy)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, cells((300, 400)))
+    viewer, widget = dock(make_napari_viewer)
+    load(widget, qtbot, tiny_tracker_dir)
+    widget.cache_section.tile_spin.setValue(128)  # a commit writes one tile's region
+    widget.cache_section.overlap_spin.setValue(32)
+    open_image(viewer, widget, qtbot, path)
+    points, _, labels = layers_of(widget)
+    assert labels.multiscale
+    target = widget.binder.target(labels)
+
+    def levels(pyr):
+        if hasattr(pyr, "wait"):
+            pyr.wait()
+        return [np.asarray(lv[...]) for lv in pyr.levels]
+
+    commit_point(widget, qtbot, points, 30, 40)  # the first autosave: the whole labels
+    folder = widget.store.last_autosave
+    assert regions == []
+    commit_point(widget, qtbot, points, 45, 85)  # then only the region written
+    assert regions and all(r is not None for r in regions)
+    for r in regions:
+        assert r[-2].stop - r[-2].start <= 128 and r[-1].stop - r[-1].start <= 128
+    want = levels(target.pyramid)
+    assert len(want) > 1 and (want[0] == 2).any()
+    for got, exp in zip(levels(sf.read_labels(folder)), want, strict=True):
+        np.testing.assert_array_equal(got, exp)
+    key(viewer, qtbot, labels, "Z", "Control")  # undo of a pyramid is autosaved too
+    wait_idle(widget, qtbot)
+    undone = levels(target.pyramid)
+    assert not (undone[0] == 2).any()
+    np.testing.assert_array_equal(sf.read_labels(folder).read(), undone[0])
+    viewer.close()
+
+    viewer2, widget2 = dock(make_napari_viewer)
+    assert widget2.session_section.open_session(str(folder))
+    qtbot.waitUntil(lambda: widget2.store.last_opened == folder, timeout=WAIT_MS)
+    wait_idle(widget2, qtbot)
+    _, _, labels2 = layers_of(widget2)
+    assert labels2.multiscale
+    for got, exp in zip(levels(widget2.binder.target(labels2).pyramid), undone, strict=True):
+        np.testing.assert_array_equal(got, exp)
+    assert widget2.session.object_id == int(undone[0].max()) + 1
