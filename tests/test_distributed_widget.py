@@ -27,7 +27,11 @@ def image(seed=5) -> np.ndarray:
 
 
 def test_cli_precompute_copied_cache_clicked_in_the_widget_encodes_nothing(
-        make_napari_viewer, qtbot, tiny_tracker_dir, tmp_path, capsys):
+        make_napari_viewer, qtbot, tiny_tracker_dir, tmp_path, capsys, monkeypatch):
+    import threading
+
+    from napari_sam3.core import distributed
+
     cluster_side, laptop = tmp_path / "cluster", tmp_path / "laptop"
     cluster_side.mkdir()
     tifffile.imwrite(cluster_side / "slide.tif", image())
@@ -47,6 +51,10 @@ def test_cli_precompute_copied_cache_clicked_in_the_widget_encodes_nothing(
     widget.cache_section.tile_spin.setValue(112)  # the CLI's default: the model's input
     widget.cache_section.overlap_spin.setValue(28)
     seg = load(widget, qtbot, laptop / "sam3", cache=laptop / "embeddings.zarr")
+    looked_up_in = []
+    real = distributed.recorded_limits
+    monkeypatch.setattr(distributed, "recorded_limits", lambda store, data: (
+        looked_up_in.append(threading.current_thread()) or real(store, data)))
     layer = viewer.add_image(tifffile.imread(laptop / "cells.tif"), name="cells")
     qtbot.waitUntil(lambda: widget.binder.points_layer is not None, timeout=5000)
     wait_idle(widget, qtbot)
@@ -55,8 +63,13 @@ def test_cli_precompute_copied_cache_clicked_in_the_widget_encodes_nothing(
 
     auto = tuple(layer.contrast_limits_range)
     assert tuple(layer.contrast_limits) == auto
-    record = next(r for r in reversed(notification_manager.records)
-                  if "recorded in the cache" in str(r.message))
+    def offered():
+        return next((r for r in reversed(notification_manager.records)
+                     if "recorded in the cache" in str(r.message)), None)
+
+    qtbot.waitUntil(lambda: offered() is not None, timeout=10000)  # looked up in a worker
+    record = offered()
+    assert looked_up_in and threading.main_thread() not in looked_up_in  # never the GUI's
     (name, use), = record.actions
     assert name == "Use them" and "precompute" in widget.status
     use(record)

@@ -76,6 +76,13 @@ def automatic_contrast(layer) -> bool:
         float(v) for v in raw.contrast_limits_range]
 
 
+def wants_recorded_contrast(layer) -> bool:
+    """Whether ``layer`` still has the contrast limits napari gave it (recorded limits
+    may then be offered)."""
+    raw = unwrap(layer)
+    return layer_limits(raw) is not None and automatic_contrast(raw)
+
+
 def recorded_contrast(layer, lookup) -> tuple[float, float] | None:
     """The one rule for intensity limits that travel with the cache: the widget normalises
     with the layer's contrast limits; when ``lookup(level-0 data)`` finds the limits that
@@ -84,7 +91,7 @@ def recorded_contrast(layer, lookup) -> tuple[float, float] | None:
     layer is not changed here; napari cannot tell limits it computed from limits passed
     when the layer was made)."""
     raw = unwrap(layer)
-    if layer_limits(raw) is None or not automatic_contrast(raw):
+    if not wants_recorded_contrast(raw):
         return None
     found = lookup(level0(raw))
     if found is None or np.ndim(found) != 1:

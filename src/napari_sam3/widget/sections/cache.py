@@ -18,7 +18,7 @@ from ...core.defaults import DEFAULT_OVERLAP, DEFAULT_TILE
 from ...core.prompts import PromptError
 from .. import layer_data
 from ..errors import UserError, guarded
-from ..image_source import unwrap
+from ..image_source import same, unwrap
 from ..tasks import PrecomputeTask
 
 PRECOMPUTE_SCOPES = ("field of view", "whole image", "all slices")
@@ -33,6 +33,8 @@ class CacheSection(QWidget):
         super().__init__(parent)
         self.session, self.runner, self.binder = session, runner, binder
         self._showing_model = False
+        self._limits_worker = None  # the recorded-limits lookup of the chosen image
+        session.on_close(self._stop_limits_lookup)
         form = QFormLayout(self)
         self.cache_edit = QLineEdit(str(default_cache_path()))
         self.cache_edit.setPlaceholderText("empty: embeddings in memory only")
@@ -125,24 +127,59 @@ class CacheSection(QWidget):
         if role == "image" or not isinstance(role, str):
             self.adopt_recorded_limits()
 
+    @property
+    def busy(self) -> bool:
+        """True while the chosen image's recorded limits are looked up."""
+        return self._limits_worker is not None
+
     def adopt_recorded_limits(self) -> bool:
         """Offer the chosen image the intensity limits its last precompute recorded in the
         cache (CLI, API or widget, on any machine and path), so its tiles are found: a
         notification with a *Use them* button, while the layer has the contrast limits
-        napari gave it; nothing changes unless it is pressed. Returns whether one was
-        offered."""
+        napari gave it; nothing changes unless it is pressed. The lookup reads a few
+        windows of the image (its identity), in a worker. Returns whether one started."""
+        from napari.qt.threading import create_worker
+
         from ...core.distributed import recorded_limits
-        from ..image_source import recorded_contrast
+        from ..image_source import level0, wants_recorded_contrast
 
         seg, layer = self.session.segmenter, self.binder.image_layer
+        self._stop_limits_lookup()
         if seg is None or layer is None or self.binder.channels:
             return False
-        try:
-            found = recorded_contrast(layer, lambda data: recorded_limits(seg.store, data))
-        except Exception:  # noqa: BLE001 - unreadable data: the layer's own limits stay
+        store = seg.store
+        if store is None or store.path is None or not store.has_records():
+            return False  # (no pixels read: asked on every image choice)
+        if not wants_recorded_contrast(layer):
             return False
+        worker = create_worker(recorded_limits, store, level0(unwrap(layer)),
+                               _start_thread=False)
+        worker.returned.connect(lambda found: self._offer_limits(layer, found))
+        worker.errored.connect(lambda _exc: None)  # unreadable: the layer's limits stay
+        worker.finished.connect(lambda: self._limits_done(worker))
+        self._limits_worker = worker
+        worker.start()
+        return True
+
+    def _stop_limits_lookup(self) -> None:
+        if self._limits_worker is not None:
+            self._limits_worker.quit()
+            self._limits_worker = None
+
+    def _limits_done(self, worker) -> None:
+        if worker is self._limits_worker:
+            self._limits_worker = None
+
+    @guarded
+    def _offer_limits(self, layer, found) -> None:
+        from ..image_source import recorded_contrast
+
+        if (self.session.closed or not self.binder.alive(layer)
+                or not same(layer, self.binder.image_layer)):
+            return
+        found = recorded_contrast(layer, lambda _data: found)
         if found is None:
-            return False
+            return
         from napari.utils import notifications
         from napari.utils.notifications import Notification, NotificationSeverity
 
@@ -159,7 +196,6 @@ class CacheSection(QWidget):
         self.session.status(text.removeprefix("SAM3: "))
         notifications.notification_manager.dispatch(
             Notification(text, severity=NotificationSeverity.INFO, actions=[("Use them", use)]))
-        return True
 
     def precompute(self, scope: str | None = None) -> bool:
         """Encode tiles ahead of clicks in a worker, with progress and Cancel.
