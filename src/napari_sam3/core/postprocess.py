@@ -29,20 +29,25 @@ class PostProcessing:
 DEFAULTS = PostProcessing()
 
 
+def _components(mask: np.ndarray, structure) -> tuple[np.ndarray, int]:
+    """Connected components of ``mask`` as intp labels (so that ``bincount`` and ``take``
+    need no cast) and their count."""
+    return ndi.label(mask, structure=structure, output=np.intp)
+
+
 def fill_holes(mask: np.ndarray, max_hole_area: int) -> np.ndarray:
     """Fill enclosed background regions of at most ``max_hole_area`` pixels."""
     mask = np.asarray(mask, dtype=bool)
     if max_hole_area <= 0 or mask.all() or not mask.any():
         return mask.copy()
-    holes, n = ndi.label(~mask, structure=_FOUR)
-    if n == 0:
-        return mask.copy()
-    areas = np.bincount(holes.ravel(), minlength=n + 1)
-    border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
-    fill = areas <= max_hole_area
+    holes, n = _components(~mask, _FOUR)
+    fill = np.bincount(holes.ravel(), minlength=n + 1) <= max_hole_area
     fill[0] = False
-    fill[border] = False
-    return mask | fill[holes]
+    for edge in (holes[0], holes[-1], holes[:, 0], holes[:, -1]):
+        fill[edge] = False  # touches the border: not enclosed
+    if not fill.any():
+        return mask.copy()
+    return mask | np.take(fill, holes)
 
 
 def remove_islands(mask: np.ndarray, max_sprinkle_area: int) -> np.ndarray:
@@ -50,13 +55,15 @@ def remove_islands(mask: np.ndarray, max_sprinkle_area: int) -> np.ndarray:
     mask = np.asarray(mask, dtype=bool)
     if max_sprinkle_area <= 0 or not mask.any():
         return mask.copy()
-    islands, n = ndi.label(mask, structure=_EIGHT)
+    islands, n = _components(mask, _EIGHT)
     areas = np.bincount(islands.ravel(), minlength=n + 1)
     areas[0] = 0
     keep = areas > max_sprinkle_area
     keep[int(np.argmax(areas))] = True
     keep[0] = False
-    return keep[islands]
+    if keep[1:].all():
+        return mask.copy()
+    return np.take(keep, islands)
 
 
 def clean_mask(mask: np.ndarray, max_hole_area: int = 0, max_sprinkle_area: int = 0) -> np.ndarray:
@@ -121,7 +128,9 @@ class BestLogitMap:
     (float32) and the index of the object that has it (int32), in blocks of
     ``block`` x ``block`` pixels allocated where objects land. Memory is bounded by
     the area covered (8 bytes a pixel), never by the number of objects; :meth:`write`
-    with ``pending`` frees the blocks that no later object can reach.
+    with ``pending`` frees the blocks that no later object can reach. An object that
+    arrives while nothing else is held is kept as it is (its cleaned mask) until a
+    second one comes: a single object (a click) is written without the blocks.
     """
 
     def __init__(self, out, ids=None, max_hole_area: int = 0, max_sprinkle_area: int = 0,
@@ -133,18 +142,34 @@ class BestLogitMap:
         self.block = int(block)
         self.shape = tuple(int(v) for v in out.shape[:2])
         self.blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.held: tuple | None = None  # (index, r0, c0, logits, mask) of a lone object
 
     def add(self, index: int, region, logits) -> None:
         """Object ``index`` (its place in the list: ids and ties) with ``logits`` over
         ``region`` (row slice, col slice) of the image; cleaned on its own box."""
         lg = np.asarray(logits, dtype=np.float32)
-        box = mask_box(lg > 0)
+        fg = lg > 0
+        box = mask_box(fg)
         lg = lg[box]
         if not lg.size:
             return
-        mask = clean_mask(lg > 0, *self.cleanup)  # the same as on the whole region
+        # on the mask's own box: the same as on the whole region (see clean_mask)
+        mask = remove_islands(fill_holes(fg[box], self.cleanup[0]), self.cleanup[1])
         r0 = (region[0].start or 0) + box[0].start
         c0 = (region[1].start or 0) + box[1].start
+        if self.held is None and not self.blocks:
+            self.held = (index, r0, c0, lg, mask)
+            return
+        self._release()
+        self._merge(index, r0, c0, lg, mask)
+
+    def _release(self) -> None:
+        """The held object into the blocks (another object may overlap it)."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            self._merge(*held)
+
+    def _merge(self, index: int, r0: int, c0: int, lg: np.ndarray, mask: np.ndarray) -> None:
         b = self.block
         for bi in range(r0 // b, (r0 + lg.shape[0] - 1) // b + 1):
             for bj in range(c0 // b, (c0 + lg.shape[1] - 1) // b + 1):
@@ -155,14 +180,16 @@ class BestLogitMap:
                 m = mask[mine]
                 if not m.any():
                     continue
+                fresh = (bi, bj) not in self.blocks
                 best, owner = self._block(bi, bj)
                 here = (slice(rows.start - bi * b, rows.stop - bi * b),
                         slice(cols.start - bj * b, cols.stop - bj * b))
                 top, who, new = best[here], owner[here], lg[mine]
                 # the highest logit wins; on a tie, the object first in the list
-                take = m & ((who < 0) | (new > top) | ((new == top) & (index < who)))
-                top[take] = new[take]
-                who[take] = index
+                take = m if fresh else m & ((who < 0) | (new > top)
+                                            | ((new == top) & (index < who)))
+                np.copyto(top, new, where=take)
+                np.copyto(who, index, where=take)
 
     def _block(self, bi: int, bj: int):
         hit = self.blocks.get((bi, bj))
@@ -177,16 +204,17 @@ class BestLogitMap:
         """Write into ``out`` and free every block that meets none of the ``pending``
         boxes (all blocks when None)."""
         b = self.block
+        if self.held is not None:
+            index, r0, c0, _, mask = self.held
+            h, w = mask.shape
+            if not _meets(np.array([[r0, c0]]), (h, w), pending)[0]:
+                self.held = None
+                self._paste((slice(r0, r0 + h), slice(c0, c0 + w)), mask,
+                            lambda: index + 1 if self.ids is None else self.ids[index])
         keys = list(self.blocks)
         if not keys:
             return
-        starts = np.asarray(keys, dtype=np.int64) * b  # (N, 2) block origins
-        waiting = np.zeros(len(keys), dtype=bool)
-        if pending:
-            p = np.asarray(pending, dtype=np.int64).reshape(-1, 4)[None]
-            r, c = starts[:, :1], starts[:, 1:]
-            waiting = ((p[..., 0] < r + b) & (r < p[..., 2])
-                       & (p[..., 1] < c + b) & (c < p[..., 3])).any(axis=1)
+        waiting = _meets(np.asarray(keys, dtype=np.int64) * b, (b, b), pending)
         for (bi, bj), wait in zip(keys, waiting, strict=True):
             if wait:
                 continue
@@ -197,13 +225,32 @@ class BestLogitMap:
             window = (slice(r0 + rows.start, r0 + rows.stop), slice(c0 + cols.start,
                                                                     c0 + cols.stop))
             covered, owner = covered[rows, cols], owner[rows, cols]
-            current = np.array(self.out[window])
-            if not self.overwrite:
-                covered &= current == 0
-            if covered.any():
-                who = owner[covered]
-                current[covered] = who + 1 if self.ids is None else self.ids[who]
+            # owner is -1 where not covered: those values are never written
+            self._paste(window, covered, lambda owner=owner: owner + 1 if self.ids is None
+                        else np.take(self.ids, owner))
+
+    def _paste(self, window, covered: np.ndarray, values) -> None:
+        """``values()`` (an array of the window's shape, or one id) into ``out`` where
+        ``covered`` (and, without ``overwrite``, where ``out`` is 0)."""
+        in_place = isinstance(self.out, np.ndarray)  # else (Zarr) read, change, write
+        current = self.out[window] if in_place else np.array(self.out[window])
+        if not self.overwrite:
+            covered = covered & (current == 0)
+        if covered.any():
+            np.copyto(current, values(), where=covered, casting="unsafe")
+            if not in_place:
                 self.out[window] = current
+
+
+def _meets(starts: np.ndarray, size, pending) -> np.ndarray:
+    """Which boxes of ``size`` (h, w) at ``starts`` (N, 2) meet one of the ``pending``
+    boxes (row0, col0, row1, col1)."""
+    if not pending:
+        return np.zeros(len(starts), dtype=bool)
+    p = np.asarray(pending, dtype=np.int64).reshape(-1, 4)[None]
+    r, c = starts[:, :1], starts[:, 1:]
+    return ((p[..., 0] < r + size[0]) & (r < p[..., 2])
+            & (p[..., 1] < c + size[1]) & (c < p[..., 3])).any(axis=1)
 
 
 def paste_objects(out, objects, ids=None, max_hole_area: int = 0, max_sprinkle_area: int = 0,

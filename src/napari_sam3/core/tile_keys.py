@@ -9,8 +9,11 @@ tile and listing the encoded tiles cost next to nothing.
 The image is identified by the object itself, held weakly (a ``PlaneView`` by its array
 and plane index), so data replaced in a layer never reuses another array's keys. NumPy
 arrays can be edited in place: their keys are checked against a digest of the tile's raw
-pixels (about 2 ms). Lazy arrays (Zarr, dask) are trusted while the object lives, as
-``Sam3Segmenter.resolve_limits`` trusts their sampled limits.
+pixels (about 1-2 ms). Lazy arrays (Zarr, dask, channel composites) are trusted while
+the object lives, as ``Sam3Segmenter.resolve_limits`` trusts their sampled limits:
+after editing what they read in place, pass a new object (the widget builds a new
+composite for every click). The whole image of an untiled click is remembered the
+same way (:func:`image_key`).
 
 NumPy only (no torch, Qt or napari).
 """
@@ -24,6 +27,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .normalize import check_limits
 from .planes import PlaneView
 
 Box = tuple[int, int, int, int]
@@ -38,10 +42,13 @@ def _base(image):
 
 
 def _raw_digest(image, box: Box) -> bytes:
-    """A fingerprint of the raw pixels of ``box`` (one contiguous copy, no other)."""
+    """A fingerprint of the raw pixels of ``box`` (one contiguous copy, no other).
+
+    SHA-256: about 6x faster than BLAKE2b on CPUs with SHA instructions (1-2 ms for a
+    1008 px uint16 tile); it is kept in memory only, never in the cache."""
     r0, c0, r1, c1 = box
     a = np.ascontiguousarray(image[r0:r1, c0:c1])
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     h.update(f"{a.shape}{a.dtype.str}".encode())
     h.update(a.reshape(-1).view(np.uint8).data)
     return h.digest()
@@ -117,9 +124,37 @@ def tile_box(tile) -> Box:
 
 def context(model, grid, tile, limits) -> tuple:
     """What besides the pixels changes a tile's key: limits, the padded shape, storage."""
+    return _context(model, grid.padded_shape(tile), limits)
+
+
+def _context(model, shape, limits) -> tuple:
     lim = None if limits is None else np.asarray(limits, dtype=np.float64)
     lim = None if lim is None else (lim.shape, tuple(lim.ravel().tolist()))
-    return lim, tuple(grid.padded_shape(tile)), model.feature_cache.storage, model.key_dtype
+    return lim, tuple(int(v) for v in shape), model.feature_cache.storage, model.key_dtype
+
+
+def image_key(model, image, limits=None, made: dict | None = None) -> str:
+    """The cache key of the embedding of the whole ``image`` (``Sam3Segmenter.encode``),
+    remembered as tile keys are, per image object and limits as given (None: the
+    robust limits, a function of the pixels, so the raw-pixel check covers them too).
+
+    The rule: a key is reused only for the same object (held weakly), of the same shape
+    and dtype, with the same limits, storage and key dtype; for a NumPy array (or a
+    plane of one) only if a digest of its raw pixels is unchanged, so an in-place edit
+    gives a new key. Lazy arrays are trusted while the object lives (see the module
+    docstring). When the key has to be computed, the normalised image goes into
+    ``made["rgb"]``."""
+    if limits is not None:
+        check_limits(limits)
+    shape = tuple(int(v) for v in np.shape(image)[:2])
+
+    def compute() -> str:
+        rgb = model.prepare(image, limits)
+        if made is not None:
+            made["rgb"] = rgb
+        return model.embedding_key(rgb)
+
+    return model.tile_keys.get(image, (0, 0) + shape, _context(model, shape, limits), compute)
 
 
 def tile_key(model, image, grid, tile, limits, made: dict | None = None) -> str:

@@ -81,11 +81,8 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def _warm(segmenter, req: ClickRequest, single: bool) -> bool:
-    """The click's embedding is cached: the whole image's, or an encoded tile holds the
-    prompt (what the tile routing then uses)."""
-    if single:
-        return segmenter.cached_embedding(req.image, req.limits) is not None
+def _warm_tile(segmenter, req: ClickRequest) -> bool:
+    """An encoded tile holds the prompt (what the tile routing then uses)."""
     from ..core.prompts import prompt_bbox
 
     r0, c0, r1, c1 = prompt_bbox(req.prompt)
@@ -93,14 +90,41 @@ def _warm(segmenter, req: ClickRequest, single: bool) -> bool:
                for b in segmenter.encoded_tiles(req.image, req.limits))
 
 
-def segment_job(segmenter, lock, req: ClickRequest):
-    """Generator run in a worker thread; each yield is a point where Cancel can stop it."""
+def click_object(segmenter, req: ClickRequest, embedding=None):
+    """The click's ObjectMask over its tile (the whole image when it is not tiled);
+    ``embedding``: the untiled image's, already found (its key is then not looked up
+    again)."""
+    if embedding is None:
+        return segmenter.predict_objects(req.image, [req.prompt], req.limits)[0]
+    from ..core.decode import ObjectMask
+    from ..core.prompts import as_prompts
+
+    h, w = embedding.image_shape
+    pred = segmenter.predict(embedding, as_prompts([req.prompt], (h, w)))[0]
+    return ObjectMask((slice(0, h), slice(0, w)), pred.logits, pred.iou_score,
+                      pred.object_score)
+
+
+def click_labels(obj, req: ClickRequest):
+    """The click's object cleaned (holes, islands) as int32 labels over ``obj.region``."""
     from ..core.postprocess import masks_to_labels
 
+    return masks_to_labels(obj.logits[None], ids=[req.obj_id],
+                           max_hole_area=req.max_hole_area,
+                           max_sprinkle_area=req.max_sprinkle_area)
+
+
+def segment_job(segmenter, lock, req: ClickRequest):
+    """Generator run in a worker thread; each yield is a point where Cancel can stop it.
+
+    Per click the image's key is found once (remembered per image object: a digest of
+    the raw pixels, see ``tile_keys.image_key``), the decoder runs, and the clean-up
+    works on the mask's bounding box."""
     yield "cache"
     with lock:
         single = segmenter.tiles(req.image).single
-        cached = _warm(segmenter, req, single)
+        emb = segmenter.cached_embedding(req.image, req.limits) if single else None
+        cached = emb is not None if single else _warm_tile(segmenter, req)
     if not cached:
         yield "encoding"
     threads = None
@@ -109,15 +133,9 @@ def segment_job(segmenter, lock, req: ClickRequest):
 
         threads = decode_threads(torch.get_num_threads())
     with lock, torch_threads(threads):
-        obj = segmenter.predict_objects(req.image, [req.prompt], req.limits)[0]
+        obj = click_object(segmenter, req, emb)
     yield "post-processing"
-    labels = masks_to_labels(
-        obj.logits[None],
-        ids=[req.obj_id],
-        max_hole_area=req.max_hole_area,
-        max_sprinkle_area=req.max_sprinkle_area,
-    )
-    return obj, labels
+    return obj, click_labels(obj, req)
 
 
 def precompute_job(segmenter, lock, jobs):
