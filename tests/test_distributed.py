@@ -43,7 +43,7 @@ def cells(shape=(200, 260), seed=0, blank_cols=None) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def client():
-    with open_client("local", 2) as c:
+    with open_client("local", 2, torch_threads=1) as c:  # as the serial runs: same rounding
         c.wait_for_workers(2)
         c.get_task_stream()  # the scheduler records tasks from the first call on
         yield c
@@ -282,3 +282,45 @@ def test_a_worker_killed_during_precompute_the_run_completes(client, tiny_tracke
     keys = store.disk_entries()
     assert len(keys) == 49 and all(store.get(k) is not None for k in keys)  # valid, complete
     assert not any(e for _, _, e in seg.precompute(img, client=client))  # nothing missing
+
+
+def test_a_batch_queues_the_next_image_and_a_bad_one_stops_after_the_one_before(
+        client, tiny_tracker_dir, tmp_path, capsys):
+    folder = tmp_path / "plates"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", cells((120, 150), seed=1))
+    (folder / "b.tif").write_bytes(b"not a tiff at all")
+    tifffile.imwrite(folder / "c.tif", cells((120, 150), seed=3))
+    cache = tmp_path / "cache"
+    code = cli.main(["precompute", str(folder), "--cache", str(cache), "--model",
+                     str(tiny_tracker_dir), "--scheduler", client.scheduler.address])
+    out, err = capsys.readouterr()
+    problem = [line for line in err.splitlines() if "dask scheduler" not in line]
+    assert code == 2 and len(problem) == 1 and "b.tif" in problem[0]
+    assert out.count("precomputed 4 tiles of a 120x150 image: 4 encoded") == 1  # a, counted
+    assert "c.tif" not in out
+    assert len(EmbeddingStore(cache).disk_entries()) == 4
+
+
+def test_local_workers_run_torch_on_their_share_of_the_cores():
+    from napari_sam3.core.distributed.sources import worker_threads
+
+    with open_client("local", 1, torch_threads=2) as c:
+        c.wait_for_workers(1)
+        assert c.submit(worker_threads, pure=False).result() == 2  # inside a task
+        info = c.scheduler_info()["workers"]
+        assert [w["nthreads"] for w in info.values()] == [1]  # one task at a time
+
+
+def test_cli_precompute_batch_size_fills_the_same_cache(tiny_tracker_dir, tmp_path, capsys):
+    img = tmp_path / "img.tif"
+    tifffile.imwrite(img, cells((200, 260), seed=4))
+    base = ["precompute", str(img), "--model", str(tiny_tracker_dir)]
+    assert cli.main([*base, "--cache", str(tmp_path / "one")]) == 0
+    assert cli.main([*base, "--cache", str(tmp_path / "four"), "--batch-size", "4"]) == 0
+    assert "9 encoded" in capsys.readouterr().out.split("precomputed")[-1]
+    one, four = EmbeddingStore(tmp_path / "one"), EmbeddingStore(tmp_path / "four")
+    assert one.disk_entries() == four.disk_entries() and len(one.disk_entries()) == 9
+    assert cli.main([*base, "--cache", str(tmp_path / "x"), "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size" in err and err.count("\n") == 1

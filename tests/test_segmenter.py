@@ -201,3 +201,150 @@ def test_offline_hub_model_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="hf auth login"):
         Sam3Segmenter.from_pretrained("facebook/sam3-not-cached-here", device="cpu")
+
+
+# -- the warm click: a remembered key, the bare mask, our clean-up ------------------------------
+def _untiled(tiny_tracker_dir):
+    return Sam3Segmenter.from_pretrained(str(tiny_tracker_dir), device="cpu", tile_size=1024)
+
+
+def _count(monkeypatch, seg):
+    """Counts of normalisations (``prepare``) and content hashes (``embedding_key``)."""
+    calls = {"prepare": 0, "embedding_key": 0}
+    for name in calls:
+        real = getattr(seg, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(seg, name, counted)
+    return calls
+
+
+def test_the_image_key_is_remembered_and_follows_pixels_and_limits(tiny_tracker_dir,
+                                                                   monkeypatch):
+    """The same array object gives the same key without normalising or hashing it again;
+    a pixel edited in place, or other limits, give a new key (a stale key would give
+    the old image's embedding: a wrong mask)."""
+    rng = np.random.default_rng(3)
+    img = (rng.random((72, 120)) * 4000).astype(np.uint16)
+    seg = _untiled(tiny_tracker_dir)
+    calls = _count(monkeypatch, seg)
+    key = seg.image_key(img, (0, 4000))
+    assert calls == {"prepare": 1, "embedding_key": 1}
+    assert key == seg.embedding_key(seg.prepare(img, (0, 4000)))  # the same key as before
+    calls.update(prepare=0, embedding_key=0)
+    for _ in range(3):
+        assert seg.image_key(img, (0, 4000)) == key
+    seg.segment(img, [ObjectPrompt(points=[(30, 40)])], limits=(0, 4000))
+    seg.segment(img, [ObjectPrompt(points=[(30, 40)])], limits=(0, 4000))
+    # one encode: the image is normalised for the encoder only; no hash at all
+    assert seg.encoder_calls == 1 and calls == {"prepare": 1, "embedding_key": 0}
+    other = seg.image_key(img, (0, 3000))
+    assert other != key
+    img[5, 7] += 100  # one pixel, in place: the same object
+    edited = seg.image_key(img, (0, 4000))
+    assert edited not in (key, other)
+    assert edited == seg.embedding_key(seg.prepare(img, (0, 4000)))
+    before = seg.encoder_calls
+    seg.segment(img, [ObjectPrompt(points=[(30, 40)])], limits=(0, 4000))
+    assert seg.encoder_calls == before + 1  # the edited image is encoded, not the old one
+    img[5, 7] -= 100  # back: the first key again (and its cached embedding)
+    assert seg.image_key(img, (0, 4000)) == key
+    assert seg.cached_embedding(img, (0, 4000)).key == key
+    # without limits the key depends on the pixels only: remembered too, and edits count
+    auto = seg.image_key(img)
+    calls.update(prepare=0, embedding_key=0)
+    assert seg.image_key(img) == auto and calls == {"prepare": 0, "embedding_key": 0}
+    img[:36] = img[36:][::-1]  # an edit that keeps the histogram, so the limits
+    assert seg.image_key(img) != auto
+
+
+def test_a_plane_of_a_stack_edited_in_place_gets_a_new_key(tiny_tracker_dir):
+    from napari_sam3.core.planes import plane_of
+
+    rng = np.random.default_rng(4)
+    stack = (rng.random((3, 72, 120)) * 255).astype(np.uint8)
+    seg = _untiled(tiny_tracker_dir)
+    keys = [seg.image_key(plane_of(stack, (z,)), (0, 255)) for z in range(3)]
+    assert len(set(keys)) == 3
+    assert seg.image_key(plane_of(stack, (1,)), (0, 255)) == keys[1]  # a new view, same plane
+    stack[1, 0, 0] ^= 1
+    assert seg.image_key(plane_of(stack, (1,)), (0, 255)) != keys[1]
+    assert seg.image_key(plane_of(stack, (2,)), (0, 255)) == keys[2]
+
+
+@pytest.mark.parametrize("case", ["single point", "box"])
+def test_a_warm_click_is_the_bare_mask_with_our_clean_up(case, tiny_tracker_dir, reference,
+                                                         asym_image):
+    """The API's ``segment`` and the widget's click job, warm, give exactly the bare
+    decoder's best mask upsampled (transformers' recipe) with our hole/island clean-up."""
+    import threading
+
+    from napari_sam3.core.postprocess import clean_mask
+    from napari_sam3.widget import jobs
+
+    prompts, kwargs = CASES[case]
+    ref_logits, _ = recipe(reference, asym_image, **kwargs)
+    seg = _untiled(tiny_tracker_dir)
+    areas = (40, 15)
+    expected = np.where(clean_mask(ref_logits[0] > 0, *areas), 7, 0)
+    assert not np.array_equal(expected > 0, ref_logits[0] > 0), "the clean-up changes nothing"
+    seg.encode(asym_image)
+    labels = seg.segment(asym_image, prompts, ids=[7], max_hole_area=areas[0],
+                         max_sprinkle_area=areas[1])
+    np.testing.assert_array_equal(labels, expected)
+    req = jobs.ClickRequest(image=asym_image, lead=(), spatial_shape=asym_image.shape[:2],
+                            limits=None, prompt=prompts[0], obj_id=7, max_hole_area=areas[0],
+                            max_sprinkle_area=areas[1], image_layer=None, ignored=0)
+    steps = jobs.segment_job(seg, threading.Lock(), req)
+    names = []
+    try:
+        while True:
+            names.append(next(steps))
+    except StopIteration as stop:
+        obj, clicked = stop.value
+    assert "encoding" not in names and seg.encoder_calls == 1
+    assert obj.region == (slice(0, 72), slice(0, 120)) and obj.tile is None
+    np.testing.assert_allclose(obj.logits, ref_logits[0], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(clicked, expected)
+
+
+def test_crops_found_on_a_device_equal_those_found_on_the_host():
+    """CUDA/MPS keep the upsampled logits on the device and copy only each object's crop:
+    the same regions and values as the host path (run here on CPU tensors)."""
+    from napari_sam3.core.decode import device_crops, host_crops
+
+    rng = np.random.default_rng(2)
+    up = torch.from_numpy(rng.normal(-1.5, 1.0, (3, 40, 50)).astype(np.float32))
+    up[1] = -1.0  # an empty mask
+    for crop in (True, False):
+        for valid in ((40, 50), (31, 44)):
+            host, device = host_crops(up, valid, crop), device_crops(up, valid, crop)
+            assert len(host) == len(device) == 3
+            for (r_h, lg_h), (r_d, lg_d) in zip(host, device, strict=True):
+                assert r_h == r_d and lg_d.dtype == np.float32
+                np.testing.assert_array_equal(lg_d, lg_h)
+    assert host_crops(up, (40, 50), True)[1][0] == (slice(0, 0), slice(0, 0))
+
+
+def test_a_warm_untiled_click_looks_its_key_up_once(tiny_tracker_dir, asym_image,
+                                                    monkeypatch):
+    import threading
+
+    from napari_sam3.widget import jobs
+
+    seg = _untiled(tiny_tracker_dir)
+    seg.encode(asym_image)
+    lookups = []
+    real = seg.tile_keys.get
+    monkeypatch.setattr(seg.tile_keys, "get", lambda *a, **k: lookups.append(1) or real(*a, **k))
+    req = jobs.ClickRequest(image=asym_image, lead=(), spatial_shape=asym_image.shape[:2],
+                            limits=None, prompt=ObjectPrompt(points=[(20, 95)]), obj_id=1,
+                            max_hole_area=0, max_sprinkle_area=0, image_layer=None, ignored=0)
+    steps = jobs.segment_job(seg, threading.Lock(), req)
+    with pytest.raises(StopIteration):
+        while True:
+            next(steps)
+    assert len(lookups) == 1 and seg.encoder_calls == 1

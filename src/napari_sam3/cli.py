@@ -479,6 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="only the tiles meeting rows R0:R1 and columns C0:C1 (default: the whole image)",
     )
+    pre.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="tiles per encoder forward, here or on each worker (default 1; try 4-8 on a GPU)",
+    )
     _add_cluster_options(pre)
     pre.set_defaults(func=cmd_precompute)
 

@@ -33,29 +33,68 @@ def cmd_precompute(args) -> int:
     if problems:
         raise CliError(f"precompute needs a usable cache: {problems[0].removesuffix(MEMORY_ONLY)}")
     with client_from_args(args) as client:
-        for n, path in enumerate(paths, 1):
-            # one image in memory at a time (a bad one stops the batch with its line)
-            inp = first if n == 1 else input_from_args(args, path)
-            first = None
-            if images is not None:
-                print(f"image {n}/{len(paths)}: {inp.path}", flush=True)
-            _precompute_one(segmenter, inp, args, region, client, skip, problems)
+        if client is None:
+            for n, path in enumerate(paths, 1):
+                # one image in memory at a time (a bad one stops the batch with its line)
+                inp = first if n == 1 else input_from_args(args, path)
+                first = None
+                _announce(images, n, inp)
+                _precompute_one(segmenter, inp, args, region, None, skip, problems)
+            return 0
+        # on workers: the next image's tiles are queued before this one's are counted,
+        # so no worker waits between images (two images read at a time at most)
+        ahead = (first, _submit(segmenter, first, args, region, client, skip))
+        for n in range(1, len(paths) + 1):
+            inp, submitted = ahead
+            bad = None
+            if n < len(paths):
+                try:  # a bad next image stops the batch after this one, with its line
+                    nxt = input_from_args(args, paths[n])
+                    ahead = (nxt, _submit(segmenter, nxt, args, region, client, skip))
+                except CliError as exc:
+                    bad = exc
+            _announce(images, n, inp)
+            _precompute_one(segmenter, inp, args, region, client, skip, problems, submitted)
+            if bad is not None:
+                raise bad
     return 0
 
 
-def _precompute_one(segmenter, inp, args, region, client, skip, problems) -> None:
-    from ..core.distributed import PrecomputeReport, TileProgress
+def _announce(images, n: int, inp) -> None:
+    if images is not None:
+        print(f"image {n}/{len(images)}: {inp.path}", flush=True)
+
+
+def _planes(inp) -> list:
+    return [inp.frames[k] for k in range(inp.depth)] if inp.is_stack else [inp.plane]
+
+
+def _submit(segmenter, inp, args, region, client, skip) -> list:
+    """The precompute tasks of every plane of ``inp``, submitted to the workers now."""
+    from ..core.distributed.run import submit_precompute
 
     limits = resolve_limits(inp, args.limits)
-    planes = [inp.frames[k] for k in range(inp.depth)] if inp.is_stack else [inp.plane]
+    with reported_as_failed("precompute"):
+        return [submit_precompute(segmenter, image, limits, region, client=client, skip=skip,
+                                  batch_size=args.batch_size) for image in _planes(inp)]
+
+
+def _precompute_one(segmenter, inp, args, region, client, skip, problems,
+                    submitted=None) -> None:
+    from ..core.distributed import PrecomputeReport, TileProgress
+
+    limits = resolve_limits(inp, args.limits) if submitted is None else None
+    planes = _planes(inp)
     report = PrecomputeReport()
     t0 = time.perf_counter()
     with reported_as_failed("precompute"):
         for k, image in enumerate(planes, 1):
             where = f"slice {k - 1} ({k}/{len(planes)}) " if inp.is_stack else ""
             bar, n_skipped = None, 0
-            for done, total, was_encoded in segmenter.precompute(
-                    image, limits, region, client=client, skip=skip, report=report):
+            steps = (segmenter.precompute(image, limits, region, skip=skip, report=report,
+                                          batch_size=args.batch_size)
+                     if submitted is None else submitted[k - 1].results(report))
+            for done, total, was_encoded in steps:
                 if problems:  # the cache became unusable, e.g. the disk is full
                     raise failed("precompute stopped: " + problems[0].removesuffix(MEMORY_ONLY))
                 state = "encoded" if was_encoded else "cached"

@@ -436,3 +436,54 @@ def load_video_tracker(model: str, device: str = "cpu", dtype=None):
         raise ModelLoadError(f"cannot load the video processor of '{source.name}': "
                              f"{first_line(e)}") from e
     return net.to(device).eval(), processor
+
+
+# -- checking where tensors enter the model -----------------------------------------------------
+class BoundaryError(AssertionError):
+    """A tensor entered a model module on another device, or in another floating dtype."""
+
+
+def _tensors(value, path="input"):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _tensors(v, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _tensors(v, f"{path}.{k}")
+    elif hasattr(value, "__dataclass_fields__") or hasattr(value, "to_tuple"):  # model outputs
+        for k, v in vars(value).items():
+            yield from _tensors(v, f"{path}.{k}")
+
+
+@contextlib.contextmanager
+def device_guard(model, dtype_depth: int = 1):
+    """While inside, every tensor entering any module of ``model`` must lie on the
+    model's device, and every floating tensor entering the model or a module at most
+    ``dtype_depth`` levels below it must have the model's dtype; else BoundaryError names
+    the module and the input. For tests and GPU checks (hooks cost a little per call)."""
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    handles = []
+
+    def check(name, depth):
+        def hook(_module, args, kwargs):
+            for where, t in _tensors((args, kwargs), "args"):
+                if t.device != device and t.dim() > 0:
+                    raise BoundaryError(f"{name}: {where} is on {t.device}, the model on {device}")
+                if depth <= dtype_depth and t.is_floating_point() and t.dtype != dtype:
+                    raise BoundaryError(f"{name}: {where} is {t.dtype}, the model {dtype}")
+        return hook
+
+    for name, module in model.named_modules():
+        depth = 0 if not name else name.count(".") + 1
+        handles.append(module.register_forward_pre_hook(check(name or type(model).__name__,
+                                                              depth), with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

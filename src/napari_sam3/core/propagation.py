@@ -226,9 +226,9 @@ class Propagator:
                                                        **kwargs)
 
     def _result(self, k, out, ids, scores, tile, padded_shape, gone, stop_after) -> SliceResult:
-        masks = out.pred_masks.float().cpu()  # (n_obj, 1, h, w)
+        masks = out.pred_masks.float()  # (n_obj, 1, h, w), upsampled where it lies (GPU)
         logits = self.processor.post_process_masks([masks], [list(padded_shape)],
-                                                   binarize=False)[0][:, 0].numpy()
+                                                   binarize=False)[0][:, 0].cpu().numpy()
         h, w = tile.shape
         keep = [j for j, i in enumerate(ids) if gone.get(i, 0) < stop_after]
         return SliceResult(index=k, region=tile.slices, ids=[ids[j] for j in keep],

@@ -14,13 +14,14 @@ import numpy as np
 
 from . import tile_keys
 from .cache import MemoryLRU
-from .checks import cleanup_areas, finite_number, label_ids, labels_shape, whole_number
+from .checks import cleanup_areas, finite_number, labels_shape, whole_number
+from .decode import ObjectMask, checked_objects, crops, upsample
 from .defaults import DEFAULT_DIRECTION, DEFAULT_MODEL, DEFAULT_STOP_AFTER, DIRECTIONS
 from .embedding_store import EmbeddingStore
 from .heap import trim_heap
 from .model import load_tracker, model_fingerprint, resolve_device
 from .normalize import check_limits, image_limits, to_rgb_uint8
-from .postprocess import DEFAULTS, Flush, mask_box, paste_objects
+from .postprocess import DEFAULTS, Flush, paste_objects
 from .prompts import (
     ObjectPrompt,
     PromptError,
@@ -64,15 +65,11 @@ class MaskPrediction:
 def image_features(model, pixel_values) -> list:
     """The decoder's three feature levels of an image, without the no-memory term.
 
-    transformers 5.2x adds ``no_memory_embedding`` to feature level [-1] of the
-    vision neck, a level it then drops (4 neck levels, 3 used), so the 72x72
-    level the decoder attends to never gets it. We capture that level as the
-    neck returns it: if ``get_image_embeddings`` left it unchanged (the defect),
-    its output is already the raw features; if a fixed release added the term,
-    the captured level replaces it. Either way the term is added exactly once,
-    by :func:`with_no_memory`, where the original SAM3 predictor adds it.
-    Raw features are what the embedding cache stores and what the video tracker
-    takes for its frames.
+    transformers 5.2x adds ``no_memory_embedding`` to neck level [-1], which it then
+    drops (4 levels, 3 used): the 72x72 level the decoder uses never gets it. That
+    level is captured as the neck returns it (raw with the defect, and after a fix
+    too), so :func:`with_no_memory` adds the term exactly once, where the original
+    SAM3 predictor does. The cache stores raw features; the video tracker takes them.
     """
     level = len(model.backbone_feature_sizes) - 1
     seen = {}
@@ -101,25 +98,6 @@ def with_no_memory(model, features: list) -> list:
 def add_no_memory_embedding(model, pixel_values) -> list:
     """``model.get_image_embeddings`` with the no-memory term where the original adds it."""
     return with_no_memory(model, image_features(model, pixel_values))
-
-
-@dataclass
-class ObjectMask:
-    """One object's result on a large image: logits over ``region`` of the image."""
-
-    region: tuple[slice, slice]
-    logits: np.ndarray  # float32, shape of the region; the mask is logits > 0
-    iou_score: float
-    object_score: float
-    tile: tuple[int, int, int, int] | None = None  # (r0, c0, r1, c1) decoded in; None: untiled
-
-    def shifted(self, row0: int, col0: int, tile=None) -> ObjectMask:
-        """The same object with its region moved by (row0, col0), e.g. tile -> image."""
-        rows, cols = self.region
-        return ObjectMask((slice(rows.start + row0, rows.stop + row0),
-                           slice(cols.start + col0, cols.stop + col0)),
-                          self.logits, self.iou_score, self.object_score,
-                          self.tile if tile is None else tuple(tile))
 
 
 class Sam3Segmenter(TiledModel):
@@ -198,31 +176,44 @@ class Sam3Segmenter(TiledModel):
 
     def embed_rgb(self, rgb: np.ndarray, meta: dict | None = None) -> ImageEmbedding:
         """The embedding of an (H, W, 3) uint8 image: memory, then disk, then the encoder."""
-        key = self.embedding_key(rgb)
+        return self._embed(self.embedding_key(rgb), rgb.shape[:2], lambda: rgb, meta)
 
+    def _embed(self, key: str, shape, rgb, meta: dict | None) -> ImageEmbedding:
+        """``key``'s embedding: memory, then disk, then the encoder on ``rgb()``."""
         def stored_meta() -> dict:
             return {"model": self.fingerprint, "input_size": self.input_size,
-                    "compute_dtype": str(self.dtype), "image_shape": list(rgb.shape[:2]),
+                    "compute_dtype": str(self.dtype), "image_shape": list(shape),
                     **(meta or {})}
 
         return self.feature_cache.get_or_compute(
-            key, lambda: self.encode_rgb(rgb, key), self._loader(key, rgb.shape[:2]),
+            key, lambda: self.encode_rgb(rgb(), key), self._loader(key, shape),
             lambda emb: [f[0].float().cpu().numpy() for f in emb.raw], stored_meta)
+
+    def image_key(self, image, limits=None) -> str:
+        """The cache key of the whole image's embedding, remembered per image object and
+        limits: a repeated click costs a digest of the raw pixels, not a normalisation
+        and hash (the rule: :func:`tile_keys.image_key`)."""
+        return tile_keys.image_key(self, image, limits)
 
     def cached_embedding(self, image, limits=None) -> ImageEmbedding | None:
         """The embedding of ``image`` if it is cached (memory or disk), without encoding."""
-        rgb = self.prepare(image, limits)
-        key = self.embedding_key(rgb)
-        return self.feature_cache.get(key, self._loader(key, rgb.shape[:2]))
+        key = tile_keys.image_key(self, image, limits)
+        return self.feature_cache.get(key, self._loader(key, np.shape(image)[:2]))
 
     def encode(self, image, limits=None) -> ImageEmbedding:
         """Encode a whole image (resized to the model input), or return its cached embedding."""
-        return self.embed_rgb(self.prepare(image, limits), {"limits": _limits_meta(limits)})
+        made: dict = {}
+        key = tile_keys.image_key(self, image, limits, made)
+        return self._embed(key, tuple(np.shape(image)[:2]),
+                           lambda: made["rgb"] if "rgb" in made else self.prepare(image, limits),
+                           {"limits": _limits_meta(limits)})
 
     def encode_rgb(self, rgb: np.ndarray, key: str = "") -> ImageEmbedding:
         """Run the image encoder on an (H, W, 3) uint8 image (no cache)."""
         import torch
 
+        if (ahead := self.__dict__.get("_encoded_ahead", {}).pop(key, None)) is not None:
+            return ahead  # encoded in a batch: see batch_encode
         inputs = self.processor(images=rgb, return_tensors="pt")
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         with torch.inference_mode():
@@ -249,18 +240,19 @@ class Sam3Segmenter(TiledModel):
         return tile_keys.encoded_tiles(self, image, limits, region, read)
 
     def precompute(self, image, limits=None, region=None, *, client=None, skip=None,
-                   report=None):
+                   report=None, batch_size: int | None = None):
         """Encode every tile of ``image`` (or those meeting ``region`` = (r0, c0, r1, c1)).
 
         A generator yielding ``(done, total, encoded)`` after each tile, so callers can
         show progress and stop between tiles; tiles already cached are not encoded.
         ``client``: a ``distributed.Client`` whose workers encode tiles into the shared
-        store; ``skip``, ``report``: see :mod:`napari_sam3.core.distributed`.
+        store; ``skip``, ``report``: see :mod:`.distributed`; ``batch_size``: tiles per
+        encoder forward (None: 4 on CUDA, else 1; see :mod:`.batch_encode`).
         """
         from .distributed import iter_precompute
 
         return iter_precompute(self, image, limits, region, client=client, skip=skip,
-                               report=report)
+                               report=report, batch_size=batch_size)
 
     # -- decoding ---------------------------------------------------------------------------
     def predict(self, embedding: ImageEmbedding, prompts: Sequence[ObjectPrompt]
@@ -393,8 +385,8 @@ class Sam3Segmenter(TiledModel):
         (and with ``crop`` to its box) and copied, so no full-size batch outlives its
         step; freed heap memory goes back to the system after each step.
 
-        Later, on a GPU: upsample and find the boxes on the device and copy only the
-        crops to the host (not done: today every upsampled batch comes to the CPU)."""
+        On CUDA/MPS the masks are upsampled and cut on the device; only the crops come
+        to the host (see :mod:`.decode`)."""
         import torch
 
         multimask = prompts[0].uses_multimask
@@ -411,7 +403,7 @@ class Sam3Segmenter(TiledModel):
             masks, ious = out.pred_masks[0], out.iou_scores[0]  # (P, M, h, w), (P, M)
             best = ious.argmax(dim=-1)
             rows = torch.arange(masks.shape[0], device=masks.device)
-            masks = masks[rows, best][:, None].float().cpu()  # (P, 1, h, w), low resolution
+            masks = masks[rows, best][:, None]  # (P, 1, h, w), low resolution, on the device
             best_iou = ious[rows, best].float().cpu()
             obj = out.object_score_logits[0, :, 0].float().cpu()
         del out
@@ -419,14 +411,12 @@ class Sam3Segmenter(TiledModel):
         h, w = shape if valid is None else (int(valid[0]), int(valid[1]))
         step = max(1, UPSAMPLE_BYTES // (4 * shape[0] * shape[1]))
         for start in range(0, len(prompts), step):
-            with torch.inference_mode():
-                up = self.processor.post_process_masks(
-                    [masks[start:start + step]], [list(shape)], binarize=False)[0][:, 0]
-            crops = _own_copies(up.numpy(), (h, w), crop)
-            del up  # freed before the next step
-            for j, (region, logits) in enumerate(crops, start):
+            up = upsample(self.processor, masks[start:start + step], shape)
+            parts = crops(up, (h, w), crop)
+            del up  # freed before the next step (but a lone object's own logits)
+            for j, (region, logits) in enumerate(parts, start):
                 yield ObjectMask(region, logits, float(best_iou[j]), float(obj[j]))
-            del crops
+            del parts
             trim_heap()  # else heap fragmentation makes resident memory grow with the count
 
     # -- z-stacks and time series -----------------------------------------------------------
@@ -572,25 +562,7 @@ class Sam3Segmenter(TiledModel):
             yield Flush(later)
 
 
-def _own_copies(logits: np.ndarray, valid, crop: bool) -> list:
-    """``(region, logits)`` per object of an (N, H, W) batch, cut to the ``valid`` (h, w)
-    part and with ``crop`` to the mask's box; copies, so the batch can be freed."""
-    h, w = valid
-    out = []
-    for lg in logits[:, :h, :w]:
-        region = mask_box(lg > 0) if crop else (slice(0, h), slice(0, w))
-        out.append((region, np.array(lg[region], dtype=np.float32)))
-    return out
-
-
-def _checked_objects(prompts, shape, ids, out, max_hole_area, max_sprinkle_area):
-    """``segment``'s arguments checked: (ObjectPrompts inside ``shape``, ids or None)."""
-    prompts = list(prompts)
-    ids = None if ids is None else label_ids(ids, len(prompts))
-    if out is not None:
-        labels_shape("out", out, shape)
-    cleanup_areas(max_hole_area, max_sprinkle_area)
-    return as_prompts(prompts, shape, ids), ids
+_checked_objects = checked_objects  # its old name (replay)
 
 
 def _limits_meta(limits):

@@ -1,8 +1,8 @@
 """A ``distributed.Client`` from the command line's ``--scheduler S --workers N``.
 
 * no scheduler (None): no client, everything runs in this process as before;
-* ``local``: a ``LocalCluster`` of N worker processes, one thread each, closed after
-  the run;
+* ``local``: a ``LocalCluster`` of N worker processes, closed after the run; each runs
+  one task at a time with torch on its share of the cores (cores // N threads);
 * ``slurm``, ``pbs``, ``lsf``, ``sge``: a ``dask_jobqueue`` cluster of N jobs,
   configured the dask way (``~/.config/dask/jobqueue.yaml`` or ``DASK_JOBQUEUE__...``
   variables), closed after the run; ``dask-jobqueue`` is the ``cluster`` extra;
@@ -65,8 +65,17 @@ def jobqueue_cluster(kind: str, **options):
             f"{kind.upper()}__... variables") from None
 
 
-def local_cluster(workers: int):
+def local_cluster(workers: int, torch_threads: int | None = None):
+    """N worker processes of one task slot each (a queued tile stays stealable by an idle
+    worker) whose torch uses ``torch_threads`` (default cores // N) threads
+    (:data:`~.sources.TORCH_THREADS_ENV`)."""
+    import os
+
     from distributed import LocalCluster
+
+    from .sources import TORCH_THREADS_ENV
+
+    share = torch_threads or max(1, (os.cpu_count() or 1) // max(1, int(workers)))
 
     try:
         import bokeh  # noqa: F401 - the dashboard needs it
@@ -74,14 +83,17 @@ def local_cluster(workers: int):
     except ImportError:
         dashboard = None
     return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                        host="127.0.0.1", dashboard_address=dashboard)
+                        host="127.0.0.1", dashboard_address=dashboard,
+                        env={TORCH_THREADS_ENV: str(share)})
 
 
 @contextlib.contextmanager
-def open_client(scheduler: str | None, workers: int | None = None):
+def open_client(scheduler: str | None, workers: int | None = None, *,
+                torch_threads: int | None = None):
     """Yields the ``distributed.Client`` for ``scheduler`` (None: yields None), and closes
     what it started (a LocalCluster, jobqueue jobs) afterwards. SchedulerError when it
-    cannot be set up or reached."""
+    cannot be set up or reached. ``torch_threads``: per local worker (default: its share
+    of the cores)."""
     check_scheduler(scheduler, workers)
     if scheduler is None:
         yield None
@@ -92,7 +104,7 @@ def open_client(scheduler: str | None, workers: int | None = None):
     cluster = None
     try:
         if kind == LOCAL:
-            cluster = local_cluster(workers or DEFAULT_LOCAL_WORKERS)
+            cluster = local_cluster(workers or DEFAULT_LOCAL_WORKERS, torch_threads)
         elif kind in JOBQUEUE:
             cluster = jobqueue_cluster(kind)
             cluster.scale(jobs=workers or 1)

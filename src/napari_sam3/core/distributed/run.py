@@ -122,19 +122,28 @@ def _shape(limits):
 
 # -- precompute ------------------------------------------------------------------------------
 def iter_precompute(model, image, limits=None, region=None, *, client=None, skip=None,
-                    report: PrecomputeReport | None = None, batch: int = 1):
+                    report: PrecomputeReport | None = None, batch: int = 1,
+                    batch_size: int | None = None):
     """``Sam3Segmenter.precompute``: yields ``(done, total, encoded)`` after each tile.
 
     With ``client`` the tiles are encoded on its workers (``batch`` tiles per task) into
     the segmenter's store, which every worker must reach. ``skip``: an
     :class:`~.empty.EmptyTiles` rule. ``report`` collects keys and skipped tiles.
+    ``batch_size``: tiles per encoder forward, here or on each worker (None: the
+    device's default, :func:`~..batch_encode.default_batch_size`).
     """
+    from ..batch_encode import check_batch_size, precompute_batched
+
+    batch_size = check_batch_size(batch_size, model.device)
     report = PrecomputeReport() if report is None else report
     limits = model.resolve_limits(image, limits)
     grid = model.tiles(image)
     todo = [k for k, t in enumerate(grid.tiles) if region is None or t.intersects(region)]
     record_limits(model, image, limits)
     total = len(todo)
+    if client is None and batch_size > 1:
+        yield from precompute_batched(model, image, grid, todo, limits, skip, report, batch_size)
+        return
     if client is None:
         for i, k in enumerate(todo, 1):
             tile = grid.tiles[k]
@@ -148,22 +157,62 @@ def iter_precompute(model, image, limits=None, region=None, *, client=None, skip
             report.add(tile_box(tile), None, "encoded" if new else "cached")
             yield i, total, new
         return
+    yield from submit_precompute(model, image, limits, region, client=client, skip=skip,
+                                 batch=batch, resolved=True, batch_size=batch_size
+                                 ).results(report)
+
+
+@dataclass
+class SubmittedPrecompute:
+    """The precompute tasks of one image, already on the cluster: :meth:`results` counts
+    them as they finish (leaving it early cancels those still pending)."""
+
+    client: object
+    grid: object
+    futures: list
+    total: int
+
+    def results(self, report: PrecomputeReport | None = None):
+        """Yields ``(done, total, encoded)`` after each tile, as :func:`iter_precompute`."""
+        report = PrecomputeReport() if report is None else report
+        done = 0
+        for part in gather(self.client, self.futures, lambda value: value):
+            for k, key, state in part:
+                done += 1
+                report.add(tile_box(self.grid.tiles[k]), key, state)
+                yield done, self.total, state == "encoded"
+
+    def cancel(self) -> None:
+        self.client.cancel(self.futures)
+
+
+def submit_precompute(model, image, limits=None, region=None, *, client, skip=None,
+                      batch: int = 1, resolved: bool = False,
+                      batch_size: int | None = None) -> SubmittedPrecompute:
+    """Submit the precompute tasks of ``image`` to ``client``'s workers now and return
+    at once, so the tasks of the next image of a batch are queued while this one's
+    finish (no worker waits between images). ``resolved``: ``limits`` are final.
+    ``batch_size``: tiles per encoder forward on a worker (a task holds at least as
+    many tiles; None: the default of the client's device)."""
+    from ..batch_encode import check_batch_size
+
+    batch_size = check_batch_size(batch_size, model.device)
     if model.store is None or model.store.path is None:
         raise ValueError("precompute on a dask cluster needs an embedding cache folder that "
                          "every worker can reach")
+    if not resolved:
+        limits = model.resolve_limits(image, limits)
+        record_limits(model, image, limits)
+    grid = model.tiles(image)
+    todo = [k for k, t in enumerate(grid.tiles) if region is None or t.intersects(region)]
     spec = spec_of(model)
     data, lead = ship(client, image)
     name = _tasks_key("precompute")
-    batch = max(1, int(batch))
+    batch = max(1, int(batch), batch_size)
     futures = [client.submit(precompute_tiles, spec, data, lead, todo[i:i + batch], limits,
-                             skip, key=f"{name}-{i}", retries=RETRIES)
-               for i in range(0, total, batch)]
-    done = 0
-    for part in gather(client, futures, lambda value: value):
-        for k, key, state in part:
-            done += 1
-            report.add(tile_box(grid.tiles[k]), key, state)
-            yield done, total, state == "encoded"
+                             skip, batch_size, key=f"{name}-{i}", retries=RETRIES)
+               for i in range(0, len(todo), batch)]
+    return SubmittedPrecompute(client, grid, futures, len(todo))
 
 
 # -- segment everything and concepts ---------------------------------------------------------

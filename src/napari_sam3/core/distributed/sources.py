@@ -10,6 +10,7 @@ travel as themselves (a Zarr array pickles as its store and path).
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,14 +118,22 @@ _MODELS: dict[ModelSpec, object] = {}
 _LOCK = threading.Lock()
 
 
+#: Set in a worker's environment: torch threads for its tasks (else the worker's threads).
+TORCH_THREADS_ENV = "NAPARI_SAM3_WORKER_TORCH_THREADS"
+
+
 def worker_threads() -> int | None:
-    """The thread count of the dask worker running this task (None outside one)."""
+    """The torch threads for the dask worker running this task (None outside one): the
+    worker's thread count, or :data:`TORCH_THREADS_ENV` where the cluster set it."""
     try:
         from distributed import get_worker
 
         worker = get_worker()
     except (ImportError, ValueError):
         return None
+    override = os.environ.get(TORCH_THREADS_ENV, "")
+    if override.isdigit() and int(override) > 0:
+        return int(override)
     state = getattr(worker, "state", None)
     return int(getattr(state, "nthreads", None) or worker.nthreads)
 

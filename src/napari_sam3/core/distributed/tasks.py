@@ -33,13 +33,19 @@ def _tracker(spec):
     return model
 
 
-def precompute_tiles(spec, data, lead, indices, limits, skip) -> list[tuple]:
-    """Encode tiles ``indices`` of the image into the shared store: ``(index, key or None,
-    "encoded" | "cached" | "skipped")`` each."""
+def precompute_tiles(spec, data, lead, indices, limits, skip, batch_size: int = 1
+                     ) -> list[tuple]:
+    """Encode tiles ``indices`` of the image into the shared store, ``batch_size`` per
+    encoder forward: ``(index, key or None, "encoded" | "cached" | "skipped")`` each."""
     with _MODEL_LOCK:
         model = _tracker(spec)
         image = plane(data, lead)
         grid = model.tiles(image)
+        if batch_size > 1:
+            from ..batch_encode import iter_encode_tiles
+
+            return list(iter_encode_tiles(model, image, grid, indices, limits, skip,
+                                          batch_size))
         out = []
         for k in indices:
             tile = grid.tiles[k]
