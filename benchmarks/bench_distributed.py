@@ -54,6 +54,13 @@ def slide_tiles(side=FULL_TILE, overlap=FULL_OVERLAP, length=SLIDE) -> int:
     return per_side * per_side
 
 
+def load_worker_model(spec) -> None:
+    """Load the model on a worker (returns nothing: a model does not travel back)."""
+    from napari_sam3.core.distributed.sources import worker_model
+
+    worker_model(spec)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiles", type=int, default=48)
@@ -85,28 +92,41 @@ def main() -> None:
     default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rgbs = [seg.tile_rgb(img, grid, t, (0, 4000)) for t in grid.tiles]
-    seg.encode_rgb(rgbs[0])  # warm-up
-    t0 = time.perf_counter()
+    if not args.full:  # a full-size tile is minutes: its first call's set-up is noise
+        seg.encode_rgb(rgbs[0])
+    bare_times = []
     for rgb in rgbs:
+        t0 = time.perf_counter()
         seg.encode_rgb(rgb)
-    bare = n / (time.perf_counter() - t0)
+        bare_times.append(time.perf_counter() - t0)
+    bare = n / sum(bare_times)
+    results["bare_loop_1_thread_s_per_tile"] = bare_times
     torch.set_num_threads(default_threads)
     results["bare_loop_1_thread_tiles_per_s"] = bare
+    print(json.dumps({"bare": bare_times}), flush=True)
 
     # 2. in-process precompute, default threads, fresh cache
     inproc = Sam3Segmenter.from_pretrained(str(model_dir), device="cpu", cache=work / "c1")
-    list(inproc.precompute(image_for(1, side, overlap, 2), limits=(0, 4000)))  # warm-up
+    if not args.full:
+        list(inproc.precompute(image_for(1, side, overlap, 2), limits=(0, 4000)))  # warm-up
     t0 = time.perf_counter()
     list(inproc.precompute(img, limits=(0, 4000)))
     results["in_process_tiles_per_s"] = n / (time.perf_counter() - t0)
     results["in_process_threads"] = default_threads
+    print(json.dumps({"in_process_tiles_per_s": results["in_process_tiles_per_s"]}), flush=True)
 
     # 3. LocalCluster 2 x 1
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster, Client(cluster) as client:
         client.get_task_stream()
         dist = Sam3Segmenter.from_pretrained(str(model_dir), device="cpu", cache=work / "c2")
-        list(dist.precompute(image_for(4, side, overlap, 3), limits=(0, 4000), client=client))
+        if args.full:  # load each worker's model without encoding anything
+            from napari_sam3.core.distributed.sources import spec_of
+
+            client.run(load_worker_model, spec_of(dist))
+        else:
+            list(dist.precompute(image_for(4, side, overlap, 3), limits=(0, 4000),
+                                 client=client))
         start = time.time()
         t0 = time.perf_counter()
         list(dist.precompute(img, limits=(0, 4000), client=client))
@@ -119,7 +139,7 @@ def main() -> None:
                        if s["action"] == "compute")
             per_worker.setdefault(task["worker"], []).append(busy)
         results["per_worker"] = {
-            w: {"tiles": len(b), "tiles_per_s": len(b) / sum(b),
+            w: {"tiles": len(b), "tiles_per_s": len(b) / sum(b), "s_per_task": b,
                 "vs_bare_loop": len(b) / sum(b) / bare} for w, b in per_worker.items()}
 
     # 4. on paper
