@@ -4,6 +4,8 @@ at every level, and a folder that is not ours is never written over or removed."
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +88,51 @@ def test_a_session_of_ours_and_an_empty_folder_are_written(tmp_path):
     assert sf.read_record(empty)["object_id"] == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no staging left
     assert sf.remove(empty) and not empty.exists()
+
+
+def test_a_failed_rename_never_loses_the_previous_session(tmp_path, monkeypatch):
+    first = np.ones((40, 60), np.int32)
+    out = sf.write_session(tmp_path / "s", record(), first)
+    real = os.replace
+    failing = {"new"}
+
+    def replace(src, dst):
+        if Path(src).name in failing and Path(src).parent.name.endswith(".partial"):
+            raise OSError("disk says no")
+        return real(src, dst)
+
+    monkeypatch.setattr(sf.os, "replace", replace)
+    # the new session cannot be put in place: the previous one is put back
+    with pytest.raises(OSError, match="disk says no"):
+        sf.write_session(out, record(object_id=10), np.zeros((40, 60), np.int32))
+    np.testing.assert_array_equal(sf.read_labels(out).read(), first)
+    assert sf.read_record(out)["object_id"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no staging left
+    # nor can the previous one be put back: it is kept where it is, and said so
+    failing.add("old")
+    with pytest.raises(sf.SessionError, match="your previous session is at") as info:
+        sf.write_session(out, record(object_id=10), np.zeros((40, 60), np.int32))
+    monkeypatch.undo()
+    (stage,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    kept = stage / "old"
+    assert str(kept) in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists() and sf.is_session(kept)
+    np.testing.assert_array_equal(sf.read_labels(kept).read(), first)
+    assert sf.read_record(kept)["object_id"] == 4
+
+
+def test_a_failed_removal_is_reported(tmp_path, monkeypatch):
+    out = sf.write_session(tmp_path / "s", record(), None)
+
+    def rmtree(path, *args, **kwargs):
+        raise PermissionError("in use")
+
+    monkeypatch.setattr(sf.shutil, "rmtree", rmtree)
+    with pytest.raises(sf.SessionError, match="cannot delete the session"):
+        sf.remove(out)
+    monkeypatch.undo()
+    assert sf.is_session(out)
+    assert sf.remove(out) and not out.exists()
 
 
 def test_region_updates_write_only_their_region_at_every_level(tmp_path, monkeypatch):

@@ -182,6 +182,8 @@ def test_a_killed_process_loses_no_commit(make_napari_viewer, qtbot, tmp_path, t
     folder = Path(lines[-1].split(" ", 1)[1].strip())
     committed = np.load(out)
     assert committed.any() and folder.parent == autosave_dir and sf.is_session(folder)
+    rec = sf.read_record(folder)  # taken after the commit: its prompts gone, the next id
+    assert rec["object_id"] == int(committed.max()) + 1 and rec["points"]["data"] == []
 
     viewer, widget = dock(make_napari_viewer)
     open_image(viewer, widget, qtbot, image_file)
@@ -229,6 +231,56 @@ def test_a_foreign_folder_is_refused_and_a_changed_image_is_reported(
     assert "image changed since it was saved" in widget.status
     assert "\n" not in widget.status
     assert sf.read_record(folder)["labels"]["shape"] == [72, 120]  # the session is kept
+
+
+def test_an_old_offer_or_a_failed_copy_never_touches_the_session(
+        make_napari_viewer, qtbot, tmp_path, autosave_dir, image_file, monkeypatch):
+    viewer, widget = dock(make_napari_viewer)
+    open_image(viewer, widget, qtbot, image_file)
+    _, _, labels = layers_of(widget)
+    labels.data_setitem((np.array([5, 6]), np.array([7, 7])), 4)  # a brush edit: autosaved
+    wait_idle(widget, qtbot)
+    folder = widget.store.last_autosave
+    assert folder is not None and folder.parent == autosave_dir
+    saved, record = sf.read_labels(folder).read(), sf.read_record(folder)
+    assert saved[5, 7] == 4 and saved[6, 7] == 4 and int(saved.sum()) == 8
+    viewer.close()
+
+    viewer2, widget2 = dock(make_napari_viewer)
+    open_image(viewer2, widget2, qtbot, image_file)
+    store = widget2.store
+    qtbot.waitUntil(lambda: store.offered == folder, timeout=WAIT_MS)
+    # a notification of an autosave no longer offered does nothing
+    assert not store.discard(autosave_dir / "another")
+    assert not store.restore(autosave_dir / "another")
+    assert store.offered == folder and sf.is_session(folder)
+    # Restore: its labels are large (copied in the worker) and the copy fails
+    monkeypatch.setattr(sf, "ONE_WRITE", 100)
+    fail = [True]
+    copy_labels = sf.copy_labels
+
+    def copy(*args, **kwargs):
+        if fail[0]:
+            raise OSError("disk gone")
+        return copy_labels(*args, **kwargs)
+
+    monkeypatch.setattr(sf, "copy_labels", copy)
+    assert store.restore(folder)
+    assert not store.discard(folder)  # being opened: never deleted
+    assert not store.discard()
+    qtbot.waitUntil(lambda: "cannot copy the session's labels" in widget2.status,
+                    timeout=WAIT_MS)
+    wait_idle(widget2, qtbot)
+    assert "disk gone" in widget2.status and store.last_opened is None
+    fail[0] = False
+    _, _, labels2 = layers_of(widget2)
+    labels2.data_setitem((np.array([20]), np.array([30])), 9)  # an edit after the failure
+    wait_idle(widget2, qtbot)
+    # the session is untouched; the edit went into an autosave of its own
+    assert sf.is_session(folder) and sf.read_record(folder) == record
+    np.testing.assert_array_equal(sf.read_labels(folder).read(), saved)
+    assert store.last_autosave is not None and store.last_autosave != folder
+    assert sf.read_labels(store.last_autosave).read()[20, 30] == 9
 
 
 def test_pyramid_labels_autosave_only_the_written_regions_and_reopen(

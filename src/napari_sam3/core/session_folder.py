@@ -102,11 +102,15 @@ def check_target(folder) -> Path:
 
 
 def remove(folder) -> bool:
-    """Delete a session folder of ours; anything else is left alone (returns False)."""
+    """Delete a session folder of ours; anything else is left alone (returns False). A
+    deletion that fails raises :class:`SessionError`."""
     if not is_session(folder):
         return False
-    shutil.rmtree(folder, ignore_errors=True)
-    return not Path(folder).exists()
+    try:
+        shutil.rmtree(folder)
+    except OSError as e:
+        raise SessionError(f"cannot delete the session {folder}: {e}") from None
+    return True
 
 
 # -- the record ---------------------------------------------------------------------------------
@@ -304,6 +308,7 @@ def write_session(folder, record: dict, labels=None, provenance=None, *,
     renamed into place; returns the folder."""
     target = check_target(folder)
     stage = _stage(target)
+    old, placed = stage / "old", False
     try:
         new = stage / "new"
         _build(new, record, labels, provenance, image_levels)
@@ -311,16 +316,22 @@ def write_session(folder, record: dict, labels=None, provenance=None, *,
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         elif target.exists():
-            os.replace(target, stage / "old")
+            os.replace(target, old)
         try:
             os.replace(new, target)
-        except BaseException:
-            if (stage / "old").exists():
-                os.replace(stage / "old", target)
+            placed = True
+        except BaseException as exc:
+            if old.exists():
+                try:
+                    os.replace(old, target)
+                except OSError:
+                    raise SessionError(f"cannot put the new session at {target} ({exc}); "
+                                       f"your previous session is at {old}") from exc
             raise
     finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(stage)
+        if placed or not old.exists():  # never delete the previous session not put back
+            with contextlib.suppress(OSError):
+                shutil.rmtree(stage)
     return target
 
 

@@ -3,9 +3,12 @@ sections' fields, the image reference, the points and boxes; and putting them ba
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from . import layer_data, prompt_layers
+from .errors import UserError
 from .image_source import level0, unwrap
 
 
@@ -110,3 +113,29 @@ def restore_prompts(points, boxes, record: dict) -> None:
         boxes.add([np.asarray(d, float) for d in rec["data"]],
                   shape_type=list(rec["shape_type"]))
         boxes.features = pd.DataFrame({"object_id": np.asarray(rec["object_id"], int)})
+
+
+def find_image(viewer, current, ref: dict):
+    """The session's image (``ref``): a layer of ``viewer`` with its path (or name), else
+    opened from its path, else ``current`` (the chosen image) when no path was recorded
+    and its shape is the same; else :class:`~.errors.UserError`."""
+    from napari.layers import Image
+
+    from ..core.session_folder import same_image_ref
+
+    images = [ly for ly in viewer.layers if isinstance(unwrap(ly), Image)]
+    for layer in images:
+        if same_image_ref(ref, image_ref(layer)):
+            return layer
+    path = ref.get("path")
+    if path and Path(path).exists():
+        opened = viewer.open(path)
+        found = [ly for ly in opened if isinstance(unwrap(ly), Image)]
+        if found:
+            return found[0]
+    if current is not None and not path and image_ref(current)["shape"] == list(
+            ref.get("shape", [])):
+        return current
+    where = f" ({path})" if path else ""
+    raise UserError(f"the session's image '{ref.get('name')}'{where} is not open and "
+                    "cannot be found: open it, then open the session again")

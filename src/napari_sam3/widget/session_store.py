@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..core import session_folder as sf
 from .errors import UserError, guarded, log, qt_deleted, user_message
@@ -31,6 +31,7 @@ from .image_source import level0, same, unwrap
 from .session_snapshot import (
     WidgetSettings,
     boxes_record,
+    find_image,
     image_ref,
     paint_regions,
     points_record,
@@ -48,6 +49,7 @@ class Track:
     folder: Path | None = None
     ready: bool = False
     autosave: bool = True  # the folder is an autosave (removed once saved elsewhere)
+    created: bool = False  # this process wrote the folder (else it was opened)
     pending: list = field(default_factory=list)
     queued: bool = False
     snapshot: dict | None = None
@@ -77,6 +79,8 @@ class SessionStore(QObject):
         self.last_opened: Path | None = None  # the session opened last
         self.restoring = False
         self._opening: Path | None = None  # the session folder being opened
+        self._unflushed: dict[int, tuple[Track, list]] = {}  # regions written, not yet queued
+        self._flush_queued = False
         self._done.connect(self._on_done)
         session.labels_recorded.connect(self._on_recorded)
         binder.role_changed.connect(self._on_role_changed)
@@ -88,7 +92,7 @@ class SessionStore(QObject):
     @property
     def busy(self) -> bool:
         """Jobs are queued or running (their results not yet applied)."""
-        return self._jobs > 0 and not self.session.closed
+        return (self._jobs > 0 or self._flush_queued) and not self.session.closed
 
     def _submit(self, fn, on_done=None, on_error=None) -> None:
         self._jobs += 1
@@ -230,35 +234,56 @@ class SessionStore(QObject):
 
     @guarded
     def _on_recorded(self, labels, region) -> None:
-        """A write into ``labels`` over ``region`` (None: anywhere): autosave it."""
+        """A write into ``labels`` over ``region`` (None: anywhere): autosave it once the
+        current event is handled (napari's paint event comes before a fill lands in the
+        data, and a commit's prompts and object id change after its write is recorded)."""
         if self.restoring or labels is None or self.session.closed:
             return
         track = self._track(labels)
         if track is None or not self.binder.alive(track.image):
             return
-        snap = self._snapshot(track.image, track.labels)
-        with self._lock:
-            track.pending.append(None if region is None else tuple(region))
-            track.snapshot = snap
-            if track.queued:
-                return
-            track.queued = True
-        self._submit(lambda: self._autosave(track), self._on_autosaved, self._autosave_failed)
+        entry = self._unflushed.setdefault(id(track.labels), (track, []))
+        entry[1].append(None if region is None else tuple(region))
+        if not self._flush_queued:
+            self._flush_queued = True
+            QTimer.singleShot(0, self._flush)
+
+    @guarded
+    def _flush(self) -> None:
+        """Queue an autosave of each track written into since the last flush (GUI thread)."""
+        self._flush_queued = False
+        entries, self._unflushed = list(self._unflushed.values()), {}
+        if self.session.closed:
+            return
+        for track, regions in entries:
+            if not self.binder.alive(track.image) or not self.binder.alive(track.labels):
+                continue
+            snap = self._snapshot(track.image, track.labels)
+            with self._lock:
+                track.pending.extend(regions)
+                track.snapshot = snap
+                if track.queued:
+                    continue
+                track.queued = True
+            self._submit(lambda t=track: self._autosave(t), self._on_autosaved,
+                         self._autosave_failed)
 
     def _autosave(self, track: Track) -> Path:
         """Worker: write the track's pending regions (the whole labels the first time)."""
         with self._lock:
             regions, track.pending = track.pending, []
             snap, track.queued = track.snapshot, False
-            folder, ready = track.folder, track.ready
+            folder, ready, created = track.folder, track.ready, track.created
         record, snap = self._record(snap, track.image)
-        if folder is None or not ready:
+        if folder is None or (not ready and (created or not folder.exists())):
             folder = folder or sf.new_autosave_folder(snap["image"]["name"])
             sf.write_session(folder, record, snap["source"], snap["provenance"],
                              image_levels=snap["levels"])
             with self._lock:
-                track.folder, track.ready = folder, True
+                track.folder, track.ready, track.created = folder, True, True
             return folder
+        if not ready:  # a session opened here: never replaced, the labels that differ go in
+            regions = [None]
         try:
             whole = any(r is None for r in regions)
             for region in [None] if whole else _distinct(regions):
@@ -267,8 +292,10 @@ class SessionStore(QObject):
             sf.write_record(folder, record)
         except Exception:
             with self._lock:
-                track.ready = False  # the next autosave writes the whole session again
+                track.ready = False  # the next autosave writes the whole labels again
             raise
+        with self._lock:
+            track.ready = True
         return folder
 
     @guarded
@@ -299,13 +326,25 @@ class SessionStore(QObject):
 
         self._submit(find, self._on_found, lambda exc: log.debug("SAM3: %s", exc))
 
+    def _busy(self, folder) -> bool:
+        """``folder`` is being opened or autosaved into."""
+        busy = [*self._in_use(), *([self._opening] if self._opening else [])]
+        return any(sf._norm(folder) == sf._norm(p) for p in busy)
+
+    def _still_offered(self, folder) -> Path | None:
+        """The offered autosave if it is ``folder`` (None: whichever is offered) and is
+        neither being opened nor in use, else None."""
+        offered = self.offered
+        if offered is None or (folder is not None and sf._norm(folder) != sf._norm(offered)):
+            return None
+        return None if self._busy(offered) else offered
+
     @guarded
     def _on_found(self, result) -> None:
         image, folder = result
         if not same(image, self.binder.image_layer):
             return
-        busy = [*self._in_use(), *([self._opening] if self._opening else [])]
-        if folder is not None and any(sf._norm(folder) == sf._norm(p) for p in busy):
+        if folder is not None and self._busy(folder):
             folder = None  # being opened, or in use already
         self._set_offer(folder)
         if folder is not None:
@@ -326,24 +365,29 @@ class SessionStore(QObject):
         notification_manager.dispatch(Notification(
             f"SAM3: an autosaved session of '{name}' was found ({folder}): restore it?",
             severity=NotificationSeverity.INFO,
-            actions=[("Restore", lambda *_: self.restore()),
-                     ("Discard", lambda *_: self.discard())]))
+            actions=[("Restore", lambda *_, f=folder: self.restore(f)),
+                     ("Discard", lambda *_, f=folder: self.discard(f))]))
 
-    def restore(self) -> bool:
-        """Open the offered autosave (it keeps being autosaved into)."""
-        if self.offered is None:
-            self.session.report("SAM3: no autosave to restore", "info")
+    def restore(self, folder=None) -> bool:
+        """Open the offered autosave (it keeps being autosaved into); ``folder``: only if
+        that is the one still offered (an old notification does nothing)."""
+        offered = self._still_offered(folder)
+        if offered is None:
+            self.session.report("SAM3: no autosave to restore" if folder is None else
+                                f"SAM3: the autosave {folder} is no longer offered", "info")
             return False
-        return self.open(self.offered)
+        return self.open(offered)
 
-    def discard(self) -> bool:
-        """Delete the offered autosave (a session folder of ours only)."""
-        folder = self.offered
+    def discard(self, folder=None) -> bool:
+        """Delete the offered autosave (a session folder of ours only); ``folder``: only if
+        that is the one still offered; never one being opened or autosaved into."""
+        folder = self._still_offered(folder)
         if folder is None:
             return False
         self._set_offer(None)
         self._submit(lambda: sf.remove(folder), lambda ok: self.session.status(
-            f"Autosave {folder} deleted" if ok else f"Autosave {folder} kept (not ours)"))
+            f"Autosave {folder} deleted" if ok else f"Autosave {folder} kept (not ours)"),
+            lambda exc: self.session.report(f"SAM3: {user_message(exc)}", "warning"))
         return True
 
     # -- Save session ------------------------------------------------------------------------------------
@@ -358,6 +402,12 @@ class SessionStore(QObject):
                 raise UserError("nothing to save: choose an image (its labels layer follows)")
             target = sf.check_target(Path(folder))
             track = self._track(labels)
+            for other in self._tracks.values():
+                if (other is not track and other.folder is not None
+                        and sf._norm(other.folder) == sf._norm(target)
+                        and self.binder.alive(other.labels)):
+                    raise UserError(f"{target} holds the session of '{other.labels.name}' "
+                                    "(autosaved there): choose another folder")
             snap = self._snapshot(image, labels)
         except (UserError, sf.SessionError) as exc:
             session.report(f"SAM3: {exc}")
@@ -372,9 +422,14 @@ class SessionStore(QObject):
                 with self._lock:
                     old = track.folder if track.autosave else None
                     track.folder, track.ready, track.autosave = target, True, False
+                    track.created = True
+            kept = None
             if old is not None and sf._norm(old) != sf._norm(target):
-                sf.remove(old)
-            return target
+                try:
+                    sf.remove(old)
+                except sf.SessionError as exc:
+                    kept = str(exc)
+            return target, kept
 
         session.status(f"Saving the session to {target}...")
         self._submit(write, self._on_saved, lambda exc: session.report(
@@ -382,32 +437,14 @@ class SessionStore(QObject):
         return True
 
     @guarded
-    def _on_saved(self, folder: Path) -> None:
+    def _on_saved(self, result) -> None:
+        folder, kept = result
         self.session.status(f"Saved the session to {folder}; autosaves go there")
+        if kept is not None:
+            self.session.report(f"SAM3: {kept} (the autosave it replaces)", "warning")
         self.saved.emit(str(folder))
 
     # -- Open session -------------------------------------------------------------------------------------
-    def _find_image(self, ref: dict):
-        from napari.layers import Image
-
-        images = [ly for ly in self.viewer.layers if isinstance(unwrap(ly), Image)]
-        for layer in images:
-            if sf.same_image_ref(ref, image_ref(layer)):
-                return layer
-        path = ref.get("path")
-        if path and Path(path).exists():
-            opened = self.viewer.open(path)
-            found = [ly for ly in opened if isinstance(unwrap(ly), Image)]
-            if found:
-                return found[0]
-        current = self.binder.image_layer
-        if current is not None and not ref.get("path") and image_ref(current)["shape"] == list(
-                ref.get("shape", [])):
-            return current
-        where = f" ({path})" if path else ""
-        raise UserError(f"the session's image '{ref.get('name')}'{where} is not open and "
-                        "cannot be found: open it, then open the session again")
-
     def open(self, folder, force: bool = False) -> bool:
         """Open a session folder: its image (found in the viewer by path or name, else
         opened from its path) must have the recorded pixels (``force``: open anyway);
@@ -417,7 +454,7 @@ class SessionStore(QObject):
         folder = Path(folder)
         try:
             record = sf.read_record(folder)
-            image = self._find_image(record["image"])
+            image = find_image(self.viewer, self.binder.image_layer, record["image"])
         except (UserError, sf.SessionError) as exc:
             session.report(f"SAM3: {exc}")
             return False
@@ -443,7 +480,11 @@ class SessionStore(QObject):
         self.session.report(f"SAM3: cannot open the session: {user_message(exc)}")
 
     def _check_empty(self, labels, points, boxes) -> None:
-        if self.binder.max_label(labels) > 0:
+        binder = self.binder
+        if binder._lazy_foreign(labels) and binder.largest.known(labels) is None:
+            raise UserError(f"the largest id of '{labels.name}' is not read yet (to know it "
+                            "is empty): try again in a moment")
+        if binder.max_label(labels) > 0:
             raise UserError(f"'{labels.name}' already holds labels: the session is opened "
                             "only into empty layers (remove or clear them first)")
         for layer in (points, boxes):
@@ -489,9 +530,6 @@ class SessionStore(QObject):
             self.restoring = False
         track = self._track(labels) or Track(unwrap(image), unwrap(labels))
         self._tracks[id(unwrap(labels))] = track
-        autosave = sf._norm(folder.parent) == sf._norm(sf.autosave_root())
-        with self._lock:
-            track.folder, track.ready, track.autosave = folder, False, autosave
         if self.offered is not None and sf._norm(self.offered) == sf._norm(folder):
             self._set_offer(None)
         destination = target.pyramid if getattr(target, "pyramid", None) is not None else None
@@ -512,13 +550,25 @@ class SessionStore(QObject):
                 dest.wait()
             return top
 
-        self._submit(copy, lambda top: self._opened(folder, record, labels, track, top))
+        self._opening = folder  # until its labels are in (not offered, not discarded)
+        self._submit(copy, lambda top: self._opened(folder, record, labels, track, top),
+                     self._copy_failed)
+
+    @guarded
+    def _copy_failed(self, exc) -> None:
+        self._opening = None
+        self.session.report(f"SAM3: cannot copy the session's labels: {user_message(exc)} "
+                            "(the session is left as it was; the labels here may be partial)")
 
     @guarded
     def _opened(self, folder: Path, record: dict, labels, track: Track, top: int) -> None:
+        """The session's labels are in: autosaves go into its folder from now on."""
         session, binder = self.session, self.binder
+        autosave = sf._norm(folder.parent) == sf._norm(sf.autosave_root())
         with self._lock:
-            track.ready = True
+            track.folder, track.ready, track.autosave = folder, True, autosave
+            track.created = False
+        self._opening = None
         unwrap(labels).refresh()
         session.wrote(labels, top)
         next_id = binder.next_object_id()
