@@ -124,6 +124,34 @@ def test_imported_labels_by_reference(tiny_segmenter, tmp_path):
         replay.replay(log, img, tiny_segmenter)
 
 
+def test_a_second_wait_also_waits_for_a_late_fingerprint():
+    import sys
+    import threading
+
+    rec, go = Provenance(), threading.Event()
+    where = {}
+    rec.fill_later(where, "fingerprint", lambda: go.wait() and {"kind": "full", "value": "x"})
+    assert where == {"fingerprint": None}  # the key is there at once: the dict keeps its size
+    first = threading.Thread(target=rec.wait)
+    first.start()
+    for _ in range(100_000):  # until the first waiter is joining the fingerprint thread
+        frames = sys._current_frames().get(first.ident)
+        names = set()
+        while frames is not None:
+            names.add(frames.f_code.co_name)
+            frames = frames.f_back
+        if "join" in names:
+            break
+        threading.Event().wait(0.001)
+    got = []
+    second = threading.Thread(target=lambda: (rec.wait(), got.append(dict(where))))
+    second.start()
+    go.set()
+    first.join()
+    second.join()
+    assert got == [{"fingerprint": {"kind": "full", "value": "x"}}]
+
+
 # --------------------------------------------------------------------------- the API
 
 

@@ -185,6 +185,8 @@ def test_propagation_and_everything_recorded_once_and_replayed(
     sec.direction_combo.setCurrentText("forward")
     sec.start_spin.setValue(2)
     sec.stop_spin.setValue(6)
+    seen = []
+    widget.session.labels_recorded.connect(lambda layer, region: seen.append(region))
     press(qtbot, sec.propagate_button)
     wait_idle(widget, qtbot)
     assert labels.data[3:7].any() and not labels.data[:2].any()
@@ -193,6 +195,29 @@ def test_propagation_and_everything_recorded_once_and_replayed(
         "propagation", "forward", 2, 7)
     assert [o["slice"] for o in op["objects"]] == [3] and op["objects"][0]["id"] == 1
     assert [s["slice"] for s in op["slices"]] == list(range(3, 7))
+    # each slice announced (autosaved) as it is written, with its region; the op at the end
+    r0, c0, r1, c1 = op["objects"][0]["tile"]
+    assert seen == [(k, slice(r0, r1), slice(c0, c1)) for k in range(3, 7)] + [None]
+
+    # napari edits held while a task writes are logged after its op, as their final values
+    from napari_sam3.core.provenance import decode_values
+    from napari_sam3.widget import provenance_log
+
+    recorder = provenance_log.recorder(widget.session, widget.binder)
+    n_ops = len(record_of(labels).operations)
+    recorder.hold(labels)
+    labels.brush_size = 3
+    viewer.dims.set_current_step(0, 0)  # slice 0: nothing propagated there
+    labels.paint((0, 5, 75), 1)
+    viewer.dims.set_current_step(0, 3)
+    assert (labels.data[0, 3:8, 73:78] == 1).any()
+    assert len(record_of(labels).operations) == n_ops
+    recorder.release(labels)
+    ops = record_of(labels).operations
+    assert len(ops) == n_ops + 1 and ops[-1]["kind"] == "brush" and ops[-1]["slice"] == 0
+    b0, d0, b1, d1 = ops[-1]["region"]["bbox"]
+    np.testing.assert_array_equal(decode_values(ops[-1]["values"], ops[-1]["region"]["shape"]),
+                                  labels.data[0, b0:b1, d0:d1])
 
     # everything on the current slice, then a new threshold of nothing: one operation
     n_ops = len(record_of(labels).operations)
@@ -209,6 +234,42 @@ def test_propagation_and_everything_recorded_once_and_replayed(
     save_labels_layer(labels, str(out))
     again = replayed(saved_record(out), zstack, seg)
     assert again.tobytes() == np.asarray(labels.data).tobytes()
+
+    # a duplicated layer (napari copies the metadata shallowly) gets its own log
+    from napari.layers import Labels
+
+    dup = Labels(np.array(labels.data), metadata=dict(labels.metadata))
+    assert dup.metadata[PROVENANCE_KEY] is record_of(labels)
+    own = recorder.log(dup)
+    assert own is not record_of(labels) and own.operations == record_of(labels).operations
+    assert recorder.log(dup) is own and recorder.log(labels) is record_of(labels)
+    own.append({"kind": "delete", "slice": None, "ids": [1]})
+    assert len(own.operations) == len(record_of(labels).operations) + 1
+
+
+def test_closing_the_session_frees_it_from_its_recorder(qtbot):
+    import gc
+    import weakref
+
+    from qtpy.QtCore import QObject, Signal
+
+    from napari_sam3.widget import provenance_log
+    from napari_sam3.widget.session import Session
+
+    class Binder(QObject):
+        role_changed = Signal(str)
+        labels_layer = None
+
+    binder, session = Binder(), Session()
+    rec = provenance_log.recorder(session, binder)
+    assert provenance_log.recorder(session, binder) is rec
+    session.close()
+    assert provenance_log.recorder(session, binder) is not rec  # no longer held
+    gone, gone_rec = weakref.ref(session), weakref.ref(rec)
+    del session, rec
+    gc.collect()
+    assert gone() is None and gone_rec() is None
+    binder.role_changed.emit("labels")  # nothing left listening
 
 
 def test_concept_run_recorded_once_after_threshold_changes(

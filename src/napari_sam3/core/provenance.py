@@ -68,6 +68,8 @@ KINDS = REPLAYED + EDITS + EXTERNAL
 #: Images up to this size are fingerprinted by a hash of every pixel; larger ones by
 #: ``embedding_store.image_id`` (a fixed sample of windows).
 FULL_HASH_BYTES = 256 << 20
+#: Guards every record's list of :meth:`Provenance.fill_later` threads (held briefly).
+_PENDING_LOCK = threading.Lock()
 
 
 class ProvenanceError(ValueError):
@@ -292,7 +294,10 @@ class Provenance:
 
     def fill_later(self, where: dict, key: str, compute) -> None:
         """Set ``where[key] = compute()`` in a background thread (a fingerprint of a
-        large image takes seconds); :meth:`to_dict` waits for it."""
+        large image takes seconds); :meth:`to_dict` waits for it. The key is there (None)
+        at once, so ``where`` keeps its size while another thread reads it."""
+        where.setdefault(key, None)
+
         def run():
             try:
                 where[key] = compute()
@@ -300,16 +305,24 @@ class Provenance:
                 where[key] = {"kind": "failed", "value": None, "error": str(e)}
 
         thread = threading.Thread(target=run, name="napari-sam3 fingerprint", daemon=True)
-        self.__dict__.setdefault("_pending", []).append(thread)
-        thread.start()
+        with _PENDING_LOCK:
+            thread.start()
+            self.__dict__.setdefault("_pending", []).append(thread)
 
     def __deepcopy__(self, memo) -> Provenance:
         return Provenance.from_dict(self.to_dict())
 
     def wait(self) -> None:
-        """Block until every :meth:`fill_later` value is set."""
-        for thread in self.__dict__.pop("_pending", []):
+        """Block until every :meth:`fill_later` value is set (in any thread: each caller
+        joins the threads; they leave the list only once joined)."""
+        with _PENDING_LOCK:
+            threads = list(self.__dict__.get("_pending", ()))
+        for thread in threads:
             thread.join()
+        with _PENDING_LOCK:
+            pending = self.__dict__.get("_pending")
+            if pending:
+                pending[:] = [t for t in pending if t not in threads]
 
     def append(self, op: dict) -> dict:
         """Add an operation (a dict with a ``kind`` from :data:`KINDS`) at the end; it is

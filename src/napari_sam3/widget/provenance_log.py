@@ -37,14 +37,18 @@ from .image_source import level0, unwrap
 #: source path and a fingerprint.
 IMPORT_VALUES_PIXELS = 1 << 24
 
-_RECORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: The session attribute holding its recorder (dropped when the session closes, so a
+#: closed dock's session, and the model it holds, can be freed).
+_RECORDER_ATTR = "_provenance_recorder"
 
 
 def recorder(session, binder) -> ProvenanceRecorder:
     """The session's recorder (made on first use)."""
-    rec = _RECORDERS.get(session)
+    rec = session.__dict__.get(_RECORDER_ATTR)
     if rec is None:
-        rec = _RECORDERS[session] = ProvenanceRecorder(session, binder)
+        rec = ProvenanceRecorder(session, binder)
+        if not session.closed:
+            session.__dict__[_RECORDER_ATTR] = rec
     return rec
 
 
@@ -142,9 +146,11 @@ class ProvenanceRecorder:
         self.session, self.binder = session, binder
         self._writing = 0
         self._attached: dict[int, tuple] = {}  # id(raw) -> (weakref to raw, paint callback)
+        # id(raw) -> [(boxes, note)]: napari edits made while a task writes into the layer
+        self._held: dict[int, list] = {}
         binder.role_changed.connect(self._on_role_changed)
-        session.on_close(self.detach_all)
         self._on_role_changed("labels")
+        session.on_close(self.detach_all)  # (at once if closed: then nothing stays attached)
 
     # -- the log ---------------------------------------------------------------------------------
     def log(self, labels) -> Provenance:
@@ -156,10 +162,16 @@ class ProvenanceRecorder:
         if isinstance(rec, dict):
             rec = Provenance.from_dict(rec)
             raw.metadata[PROVENANCE_KEY] = rec
+        owner = rec.__dict__.get("_owner") if isinstance(rec, Provenance) else None
+        if owner is not None and owner() is not raw:
+            # napari's Duplicate copies the metadata shallowly: the copy gets its own log
+            rec = Provenance.from_dict(rec.to_dict())
+            raw.metadata[PROVENANCE_KEY] = rec
         if rec is None:
             rec = Provenance(labels={"shape": [int(s) for s in level0(raw).shape]})
             raw.metadata[PROVENANCE_KEY] = rec
             self._record_import(raw, rec)
+        rec.__dict__.setdefault("_owner", weakref.ref(raw))
         self._attach(raw)
         self._fill_header(rec, raw)
         return rec
@@ -182,7 +194,7 @@ class ProvenanceRecorder:
                 b = boxes.get(lead, [rows.start, cols.start, rows.stop, cols.stop])
                 boxes[lead] = [min(b[0], rows.start), min(b[1], cols.start),
                                max(b[2], rows.stop), max(b[3], cols.stop)]
-            self.record_values(layer, boxes, f"undo history ({name})")
+            self._record_edit(layer, boxes, f"undo history ({name})")
 
         target.restored = restored
 
@@ -293,6 +305,30 @@ class ProvenanceRecorder:
                 "brush", values, bbox=bbox, slice_index=slice_of(lead), note=note), key)
 
     # -- napari's own edits ----------------------------------------------------------------------
+    def hold(self, labels) -> None:
+        """Keep napari's edits of ``labels`` out of its log until :meth:`release`: a task
+        writing into it over time (a propagation) appends its operation at its end, and
+        the edits made meanwhile must come after it."""
+        self._held.setdefault(id(unwrap(labels)), [])
+
+    def release(self, labels, record: bool = True) -> None:
+        """Record the edits held since :meth:`hold` (after the task's operation), as the
+        values of their regions now: replay then gives the labels as they are.
+        ``record=False``: drop them (the layer is gone)."""
+        held = self._held.pop(id(unwrap(labels)), None)
+        for boxes, note in held if record and held else ():
+            self.record_values(labels, boxes, note)
+
+    def _record_edit(self, layer, boxes: dict, note: str, atoms=None) -> None:
+        """A napari edit: recorded now, or (held) its regions announced and kept."""
+        held = self._held.get(id(layer))
+        if held is None:
+            self.record_values(layer, boxes, note, atoms)
+            return
+        held.append((boxes, note))
+        for lead, bbox in sorted(boxes.items()):
+            self.session.labels_recorded.emit(layer, region_key(lead, bbox))
+
     def _on_role_changed(self, role: str) -> None:
         if role == "labels" and self.binder.labels_layer is not None:
             self._attach(unwrap(self.binder.labels_layer))
@@ -312,8 +348,8 @@ class ProvenanceRecorder:
         def on_paint(event):
             layer = ref()
             if layer is not None and not self._writing and not self.session.closed:
-                self.record_values(layer, changed_boxes(event.value, layer.ndim),
-                                   f"napari {layer.mode}", event.value)
+                self._record_edit(layer, changed_boxes(event.value, layer.ndim),
+                                  f"napari {layer.mode}", event.value)
 
         raw.events.paint.connect(on_paint)
         for name in ("undo", "redo"):
@@ -331,11 +367,19 @@ class ProvenanceRecorder:
             item = list(history[-1]) if history else None
             method()
             if item and layer is not None and not self._writing and not self.session.closed:
-                self.record_values(layer, changed_boxes(item, layer.ndim), f"napari {name}")
+                self._record_edit(layer, changed_boxes(item, layer.ndim), f"napari {name}")
 
         return call
 
     def detach_all(self) -> None:
+        """Stop following napari (the session closed) and let the session go."""
+        if self.session.__dict__.get(_RECORDER_ATTR) is self:
+            del self.session.__dict__[_RECORDER_ATTR]
+        try:
+            self.binder.role_changed.disconnect(self._on_role_changed)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+        self._held.clear()
         for ref, on_paint in self._attached.values():
             raw = ref()
             if raw is None:

@@ -115,10 +115,16 @@ class PropagationTask(LongTask):
             self.session.report(
                 "SAM3: the labels layer was removed: propagation stopped", "warning")
             return
+        if not self.summaries:
+            self.recorder.hold(self.labels)  # napari edits meanwhile: after the run's op
         with self.recorder.writing(self.labels):
             write_slice(self.view, result, self.post.max_hole_area,
                         self.post.max_sprinkle_area)
         self.labels.refresh()
+        rows, cols = result.region  # announced (autosaved) now; logged at the end
+        self.session.labels_recorded.emit(self.labels, provenance_log.region_key(
+            self.view.target.lead(int(result.index)),
+            (rows.start or 0, cols.start or 0, rows.stop, cols.stop)))
         self.written.add(int(result.index))
         self.summaries.append(SimpleNamespace(
             index=int(result.index), region=tuple(result.region), ids=list(result.ids),
@@ -158,7 +164,10 @@ class PropagationTask(LongTask):
         self.recorder.append(self.labels, op)
 
     def on_finished(self) -> None:
-        self._record()
+        try:
+            self._record()
+        finally:
+            self.recorder.release(self.labels, record=self.binder.alive(self.labels))
         if self.failed:
             return
         done = sorted(self.written)
