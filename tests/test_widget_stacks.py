@@ -339,18 +339,28 @@ def test_tzyx_propagates_along_the_stepped_axis_and_rgb_stack_clicks(
 
 
 # -- a large lazy 2D image: tiles, crop preview, precompute with progress and Cancel ---------
+# background threads that fingerprint the image's content (provenance, sessions): they read
+# it whole (plane by plane) once, never on the GUI thread and never for a click
+FINGERPRINT_THREADS = ("napari-sam3 fingerprint", "napari-sam3-session")
+
+
 class Recorder:
     """An array-like over a Zarr array that records which regions are read, and from which
-    thread (napari's own display reads come from the GUI thread)."""
+    thread (napari's own display reads come from the GUI thread; the fingerprint threads'
+    reads are kept apart)."""
 
     def __init__(self, arr):
         self.arr = arr
         self.shape, self.dtype, self.ndim, self.size = arr.shape, arr.dtype, arr.ndim, arr.size
         self.worker_reads = []
+        self.fingerprint_reads = []
 
     def __getitem__(self, key):
         out = np.asarray(self.arr[key])
-        if threading.current_thread() is not threading.main_thread():
+        thread = threading.current_thread()
+        if thread.name.startswith(FINGERPRINT_THREADS):
+            self.fingerprint_reads.append(out.shape)
+        elif thread is not threading.main_thread():
             self.worker_reads.append(out.shape)
         return out
 
