@@ -66,6 +66,10 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=48)
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--workers", type=int, default=2,
+                    help="LocalCluster workers (1 thread each); 1 compares one worker with the "
+                         "bare 1-thread loop on an otherwise idle core")
+    ap.add_argument("--no-in-process", action="store_true", help="skip the in-process run")
     args = ap.parse_args()
 
     from napari_sam3.core.torch_import import prepare_torch_import
@@ -106,17 +110,22 @@ def main() -> None:
     print(json.dumps({"bare": bare_times}), flush=True)
 
     # 2. in-process precompute, default threads, fresh cache
-    inproc = Sam3Segmenter.from_pretrained(str(model_dir), device="cpu", cache=work / "c1")
-    if not args.full:
-        list(inproc.precompute(image_for(1, side, overlap, 2), limits=(0, 4000)))  # warm-up
-    t0 = time.perf_counter()
-    list(inproc.precompute(img, limits=(0, 4000)))
-    results["in_process_tiles_per_s"] = n / (time.perf_counter() - t0)
-    results["in_process_threads"] = default_threads
-    print(json.dumps({"in_process_tiles_per_s": results["in_process_tiles_per_s"]}), flush=True)
+    if not args.no_in_process:
+        inproc = Sam3Segmenter.from_pretrained(str(model_dir), device="cpu", cache=work / "c1")
+        if not args.full:
+            list(inproc.precompute(image_for(1, side, overlap, 2), limits=(0, 4000)))  # warm-up
+        t0 = time.perf_counter()
+        list(inproc.precompute(img, limits=(0, 4000)))
+        results["in_process_tiles_per_s"] = n / (time.perf_counter() - t0)
+        results["in_process_threads"] = default_threads
+        print(json.dumps({"in_process_tiles_per_s": results["in_process_tiles_per_s"]}),
+              flush=True)
+        del inproc
 
-    # 3. LocalCluster 2 x 1
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+    # 3. LocalCluster N x 1
+    results["cluster_workers"] = args.workers
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                      host="127.0.0.1",
                       dashboard_address=None) as cluster, Client(cluster) as client:
         client.get_task_stream()
         dist = Sam3Segmenter.from_pretrained(str(model_dir), device="cpu", cache=work / "c2")
@@ -130,7 +139,7 @@ def main() -> None:
         start = time.time()
         t0 = time.perf_counter()
         list(dist.precompute(img, limits=(0, 4000), client=client))
-        results["local_cluster_2x1_tiles_per_s"] = n / (time.perf_counter() - t0)
+        results[f"local_cluster_{args.workers}x1_tiles_per_s"] = n / (time.perf_counter() - t0)
         per_worker: dict[str, list] = {}
         for task in client.get_task_stream(start=start):
             if "precompute" not in str(task["key"]):

@@ -82,6 +82,10 @@ def test_save_close_open_in_a_new_viewer_and_continue(make_napari_viewer, qtbot,
     widget.post_section.max_hole_area.setValue(7)
     widget.post_section.overwrite_checkbox.setChecked(True)
     open_image(viewer, widget, qtbot, image_file)
+    image = unwrap(widget.binder.image_layer)
+    low, high = (float(v) for v in image.contrast_limits_range)
+    chosen = (low + 0.1 * (high - low), high - 0.25 * (high - low))  # the user's limits
+    image.contrast_limits = chosen
     points, boxes, labels = layers_of(widget)
     assert commit_point(widget, qtbot, points, 30, 40) == 1
     assert commit_point(widget, qtbot, points, 45, 85) == 2
@@ -114,6 +118,7 @@ def test_save_close_open_in_a_new_viewer_and_continue(make_napari_viewer, qtbot,
     assert not list(autosave_dir.iterdir())  # the autosave it replaced is gone
     rec = sf.read_record(folder)
     assert rec["image"]["path"] == str(image_file) and rec["object_id"] == 3
+    assert rec["image"]["contrast_limits"] == list(chosen)
     assert rec["settings"]["tiling"] == [1024, 64]
     assert rec["settings"]["postprocess"] == {"max_hole_area": 7, "max_sprinkle_area":
                                               widget.post_section.max_sprinkle_area.value(),
@@ -126,6 +131,7 @@ def test_save_close_open_in_a_new_viewer_and_continue(make_napari_viewer, qtbot,
     wait_idle(widget2, qtbot)
     image2 = unwrap(widget2.binder.image_layer)
     assert image2.source.path == str(image_file)  # opened from its path, not copied
+    assert tuple(image2.contrast_limits) == chosen  # the same normalisation: same tiles
     points2, boxes2, labels2 = layers_of(widget2)
     np.testing.assert_array_equal(labels2.data, committed)
     np.testing.assert_array_equal(points2.data, saved_points)

@@ -61,9 +61,23 @@ def image_ref(layer) -> dict:
     """Path, name, shape, dtype and RGB of an image layer (no fingerprint: a worker's)."""
     raw = unwrap(layer)
     data = level0(raw)
+    limits = None if raw.rgb else [float(v) for v in raw.contrast_limits]
     return {"path": source_path(raw), "name": raw.name,
             "shape": [int(s) for s in data.shape], "dtype": str(np.dtype(data.dtype)),
-            "rgb": bool(raw.rgb)}
+            "rgb": bool(raw.rgb), "contrast_limits": limits}
+
+
+def restore_contrast(layer, ref: dict) -> None:
+    """Give the image layer the contrast limits the session was made with: the widget
+    normalises with them, so the same tiles (and cache entries) are found again."""
+    limits = ref.get("contrast_limits")
+    raw = unwrap(layer)
+    if limits and not raw.rgb and [float(v) for v in raw.contrast_limits] != list(limits):
+        lo, hi = (float(v) for v in limits)
+        low, high = (float(v) for v in raw.contrast_limits_range)
+        if lo < low or hi > high:  # napari keeps limits inside the range
+            raw.contrast_limits_range = (min(lo, low), max(hi, high))
+        raw.contrast_limits = (lo, hi)
 
 
 def points_record(layer) -> dict | None:

@@ -35,6 +35,7 @@ from .session_snapshot import (
     image_ref,
     paint_regions,
     points_record,
+    restore_contrast,
     restore_prompts,
 )
 
@@ -504,6 +505,7 @@ class SessionStore(QObject):
             session.report("SAM3: the session's image was removed meanwhile: not opened")
             return
         binder.choose("image", image)
+        restore_contrast(image, record["image"])
         binder.ensure_layers()
         labels, points, boxes = binder.labels_layer, binder.points_layer, binder.shapes_layer
         try:
