@@ -246,3 +246,29 @@ def _flat(work: Path, img: Path, model) -> Path:
     if not out.exists():
         assert cli.main(_segment(img, out, model, "--prompts", work / "prompts.json")) == 0
     return out
+
+
+def test_a_failed_replace_keeps_the_previous_label_image(tmp_path, monkeypatch):
+    import os
+
+    img = _write_image(tmp_path / "img.zarr", "0.5")
+    first = np.zeros((H, W), np.int32)
+    first[10:20, 10:30] = 3
+    ngff.write_ngff_labels(img, "seg", first, {"schema": "napari-sam3/provenance"})
+    real, target = os.replace, img / "labels" / "seg"
+
+    def flaky(src, dst):  # the old one is moved aside; then neither comes back into place
+        if Path(dst) == target:
+            raise PermissionError("in use")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(ngff.NgffError, match="previous one is kept at") as err:
+        ngff.write_ngff_labels(img, "seg", first + 1, {"schema": "x"}, overwrite=True)
+    monkeypatch.setattr(os, "replace", real)
+    kept = Path(str(err.value).rsplit(" at ", 1)[1])
+    assert kept.name == "old" and kept.is_dir()  # the previous label image, not deleted
+    group = zarr.open_group(kept, mode="r")
+    level0 = group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]
+    np.testing.assert_array_equal(np.asarray(group[level0]), first)
+    assert ngff.read_provenance(kept)["schema"] == "napari-sam3/provenance"

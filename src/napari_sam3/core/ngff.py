@@ -249,6 +249,7 @@ def write_ngff_labels(image_zarr, name: str, labels, provenance=None, overwrite:
     _open_group(image_zarr, "r+").require_group("labels")
     tmp = Path(tempfile.mkdtemp(prefix=f".{image_zarr.name}.{name}.napari-sam3-",
                                 suffix=".partial", dir=image_zarr.absolute().parent))
+    kept = False
     try:
         import zarr
 
@@ -272,7 +273,12 @@ def write_ngff_labels(image_zarr, name: str, labels, provenance=None, overwrite:
             os.replace(tmp / "root" / "labels" / name, target)
         except BaseException:
             if old.exists():
-                os.replace(old, target)
+                try:
+                    os.replace(old, target)
+                except OSError:  # keep it: the staging folder is then not removed
+                    kept = True
+                    raise NgffError(f"cannot replace the label image {target}; the previous "
+                                    f"one is kept at {old}") from None
             raise
         group = _open_group(labels_dir, "r+")
         names = list(_meta(group).get("labels", []))
@@ -280,8 +286,9 @@ def write_ngff_labels(image_zarr, name: str, labels, provenance=None, overwrite:
         extra = {} if fmt.zarr_format == 2 else {"version": fmt.version}  # 0.5 requires it
         add_metadata(group, {"labels": names, **extra}, fmt=fmt)
     finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
+        if not kept:  # never delete a previous label image that could not be put back
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp)
     return os.fspath(target)
 
 
