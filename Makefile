@@ -24,21 +24,31 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: demo test test-oldest lint bench system-deps clean
 
-# $(call make-venv,DIR,EXTRA PIP ARGS): a venv with torch, torchvision and the package.
-# transformers' SAM3 image processor needs torchvision; this pair is the one that
-# installs together here (see README, "Installing").
+# torch and torchvision, installed once into $(TORCH_DIR) and shared by both venvs
+# through a .pth file: the pair is 5.5 GB (mostly CUDA libraries), too much to
+# install twice on a small disk. transformers' SAM3 image processor needs
+# torchvision; this pair is the one that installs together here (see README,
+# "Installing"). pip in each venv sees them as installed and adds the rest.
+TORCH_DIR := .torch
+TORCH_STAMP := $(TORCH_DIR)/.installed
+$(TORCH_STAMP):
+	rm -rf $(TORCH_DIR)
+	$(PYTHON) -m pip install -q --target $(TORCH_DIR) "torch==2.14.1" "torchvision==0.29.1"
+	touch $@
+
+# $(call make-venv,DIR,EXTRA PIP ARGS): a venv that sees $(TORCH_DIR), with the package.
 define make-venv
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], '_napari_sam3_torch.pth').write_text(str(pathlib.Path('$(TORCH_DIR)').resolve()) + '\n')"
 	$(1)/bin/python -m pip install -q --upgrade pip
-	$(1)/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(1)/bin/python -m pip install -q -e ".[test]" $(2)
 	touch $(1)/.installed
 endef
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(TORCH_STAMP)
 	$(call make-venv,$(VENV))
 
-$(OLDEST_STAMP): pyproject.toml $(OLDEST_PINS)
+$(OLDEST_STAMP): pyproject.toml $(OLDEST_PINS) $(TORCH_STAMP)
 	$(call make-venv,$(OLDEST_VENV),-c $(OLDEST_PINS))
 
 # Xvfb and the X/GL libraries Qt needs (Debian); only when missing.
@@ -82,4 +92,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_import.py
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) .demo-model build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) $(TORCH_DIR) .demo-model build *.egg-info src/*.egg-info .pytest_cache
