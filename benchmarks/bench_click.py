@@ -13,11 +13,17 @@ and medians over repeats:
                  image size: the full click path of the transformers recipe;
 * ``segment``    the API: ``seg.segment(image, [prompt], limits=...)`` on a cached image
                  (remembered key, decoder, upsampling, clean-up, labels);
-* ``click``      what the widget's job does per click, ``widget.jobs.segment_job`` run
-                 to its end: the remembered key (a digest of the raw pixels), cache hit,
-                 ``predict``, hole and island clean-up on the mask's box, labels. The job
-                 leaves a core to napari's GUI thread (``decode_threads``); here it keeps
-                 the bare call's threads, so the ratio is of the same work.
+* ``segment raw`` the API with the clean-up off (``max_hole_area=0, max_sprinkle_area=0``):
+                 the same work as transformers' recipe, which does no clean-up;
+* ``click``      what the widget's job does per click up to the preview it shows,
+                 ``widget.jobs.segment_job`` run to its ``RawPreview`` step: the
+                 remembered key (a digest of the raw pixels), cache hit, ``predict``,
+                 the raw mask as labels. The job leaves a core to napari's GUI thread
+                 (``decode_threads``); here it keeps the bare call's threads, so the
+                 ratio is of the same work;
+* ``click cleaned`` the same job run to its end: then the hole and island clean-up on
+                 the mask's box (the cleaned preview replaces the raw one; a commit
+                 writes it).
 
 Timing windows during which other processes used more than 15% of the CPU are
 discarded and rerun (see ``MAX_OTHER``): on 2 cores, a busy neighbour slows torch's
@@ -269,8 +275,19 @@ def bench_config(
                                 max_sprinkle_area=DEFAULTS.max_sprinkle_area,
                                 image_layer=None, ignored=0)
 
+        def segment_raw(prompt=prompt):
+            return seg.segment(image, [prompt], limits=limits, max_hole_area=0,
+                               max_sprinkle_area=0)
+
         def click(req=req):
-            # the widget's segmentation job for one click, run to its end
+            # the widget's segmentation job for one click, up to the preview it shows
+            for step in jobs.segment_job(seg, lock, req):
+                if isinstance(step, jobs.RawPreview):
+                    return step.labels
+            raise AssertionError("no raw preview: is the clean-up off?")
+
+        def click_cleaned(req=req):
+            # the same job run to its end (the cleaned preview)
             steps = jobs.segment_job(seg, lock, req)
             try:
                 while True:
@@ -289,13 +306,16 @@ def bench_config(
         # the API's and the widget's labels: the bare best mask upsampled + our clean-up
         expected = clean_mask(ref > 0, DEFAULTS.max_hole_area, DEFAULTS.max_sprinkle_area)
         assert np.array_equal(segment() == 1, expected), "segment() is not the bare mask"
-        assert np.array_equal(click() == 1, expected), "the click job is not the bare mask"
+        assert np.array_equal(segment_raw() == 1, ref > 0), "segment raw is not the bare mask"
+        assert np.array_equal(click() == 1, ref > 0), "the click's preview is not the bare mask"
+        assert np.array_equal(click_cleaned() == 1, expected), "the click job is not the bare mask"
 
         assert seg.cached_embedding(image, limits) is not None, "the embedding is not cached"
         variants = {"ours": ours, "bare": bare, "bare+post": bare_post, "segment": segment,
-                    "click": click}
+                    "segment raw": segment_raw, "click": click, "click cleaned": click_cleaned}
         times = interleaved(variants, repeats, warmup)
-        t_ours, t_bare, t_post, t_segment, t_click = (med(times[k]) for k in variants)
+        t_ours, t_bare, t_post, t_segment, t_raw, t_click, t_cleaned = (
+            med(times[k]) for k in variants)
         rows.append(
             {
                 "config": label,
@@ -310,6 +330,12 @@ def bench_config(
                 "ratio_segment_bare_post": t_segment / t_post,
                 "paired_ratio_segment_bare_post": paired_ratio(times["segment"],
                                                                times["bare+post"]),
+                "segment_raw_ms": t_raw,
+                "ratio_segment_raw_bare_post": t_raw / t_post,
+                "paired_ratio_segment_raw_bare_post": paired_ratio(times["segment raw"],
+                                                                   times["bare+post"]),
+                "click_cleaned_ms": t_cleaned,
+                "ratio_click_cleaned_bare_post": t_cleaned / t_post,
                 "click_ms": t_click,
                 "ratio_click_bare": t_click / t_bare,
                 "ratio_click_bare_post": t_click / t_post,
@@ -416,8 +442,8 @@ def main(argv=None) -> int:
 
     print("Click -> preview, embedding cached (median ms; ratio = ours / reference)")
     print(
-        "ours = seg.predict; segment = seg.segment (API); click path = the widget's"
-        " segment_job (same threads)\n"
+        "ours = seg.predict; segment = seg.segment (API; raw: clean-up off); click = the"
+        " widget's segment_job to its raw preview (cleaned: to its end; same threads)\n"
     )
     print_table(
         [
@@ -431,8 +457,10 @@ def main(argv=None) -> int:
             "ours/(bare+post)",
             "segment ms",
             "segment/(bare+post)",
-            "click path ms",
+            "segment raw/(bare+post)",
+            "click ms",
             "click/(bare+post)",
+            "click cleaned/(bare+post)",
             "N",
         ],
         [
@@ -447,8 +475,10 @@ def main(argv=None) -> int:
                 f"{r['ratio_bare_post']:.2f}x",
                 f"{r['segment_ms']:.2f}",
                 f"{r['ratio_segment_bare_post']:.2f}x",
+                f"{r['ratio_segment_raw_bare_post']:.2f}x",
                 f"{r['click_ms']:.2f}",
                 f"{r['ratio_click_bare_post']:.2f}x",
+                f"{r['ratio_click_cleaned_bare_post']:.2f}x",
                 str(r["repeats"]),
             ]
             for r in rows

@@ -309,6 +309,24 @@ def test_a_warm_click_is_the_bare_mask_with_our_clean_up(case, tiny_tracker_dir,
     assert obj.region == (slice(0, 72), slice(0, 120)) and obj.tile is None
     np.testing.assert_allclose(obj.logits, ref_logits[0], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(clicked, expected)
+    # the raw mask is shown first (the clean-up follows in the same job)
+    raw = [s for s in names if isinstance(s, jobs.RawPreview)]
+    assert len(raw) == 1 and raw[0].obj is obj and raw[0].labels.dtype == np.int32
+    np.testing.assert_array_equal(raw[0].labels, np.where(obj.logits > 0, 7, 0))
+    # no clean-up set: no raw step, the labels are the raw mask
+    req.max_hole_area = req.max_sprinkle_area = 0
+    steps = list(_steps_and_result(jobs.segment_job(seg, threading.Lock(), req)))
+    assert not any(isinstance(s, jobs.RawPreview) for s in steps[:-1])
+    np.testing.assert_array_equal(steps[-1][1], np.where(obj.logits > 0, 7, 0))
+
+
+def _steps_and_result(gen):
+    """A job's yields, then its return value."""
+    try:
+        while True:
+            yield next(gen)
+    except StopIteration as stop:
+        yield stop.value
 
 
 def test_crops_found_on_a_device_equal_those_found_on_the_host():

@@ -88,3 +88,68 @@ def test_encoded_tiles_are_outlined_and_clicks_reuse_them(
     canvas_click(viewer, qtbot, points, 160, 220)  # a tile not encoded yet
     wait_idle(widget, qtbot)
     assert seg.encoder_calls == 2 and ENCODED_NAME not in viewer.layers
+
+
+def test_the_raw_mask_shows_first_and_the_cleaned_one_is_committed(
+    make_napari_viewer, qtbot, tiny_tracker_dir, asym_image
+):
+    """With a clean-up set, a click shows the decoder's raw mask as soon as it is decoded,
+    then the cleaned mask replaces it in the same job; a commit writes the cleaned one,
+    also when it is pressed while the raw mask is shown (issue 13: the clean-up is off
+    the click's latency)."""
+    from gui import canvas_click
+
+    from napari_sam3.core.postprocess import clean_mask
+
+    viewer, widget = dock(make_napari_viewer)
+    seg = load(widget, qtbot, tiny_tracker_dir)
+    widget.post_section.max_hole_area.setValue(40)
+    widget.post_section.max_sprinkle_area.setValue(15)
+    viewer.add_image(asym_image, name="rgb", rgb=True)
+    qtbot.waitUntil(lambda: widget.binder.points_layer is not None, timeout=5000)
+    wait_idle(widget, qtbot)
+    clicks = widget.object_section.clicks
+    shown, committed, armed = [], [], []
+    real_show = clicks.show
+
+    def show(st):
+        shown.append((st, st.labels.copy(), widget.runner.click_step))
+        real_show(st)
+        if armed and widget.runner.click_step == "cleaning":
+            armed.clear()  # a commit pressed while the raw mask is being cleaned
+            committed.append(widget.object_section.commit())
+
+    clicks.show = show
+    points = unwrap(widget.binder.points_layer)
+    canvas_click(viewer, qtbot, points, 20, 95)
+    wait_idle(widget, qtbot)
+    assert seg.encoder_calls == 1 and len(shown) == 2
+    (st, first, step), (st2, last, _) = shown
+    obj_id = st.obj_id
+    raw = st.result.logits > 0
+    cleaned = clean_mask(raw, 40, 15)
+    assert not np.array_equal(raw, cleaned)
+    assert step == "cleaning"  # shown while the job went on cleaning it
+    np.testing.assert_array_equal(first, np.where(raw, obj_id, 0))
+    np.testing.assert_array_equal(last, np.where(cleaned, obj_id, 0))
+    preview = unwrap(widget.binder.preview_layer)
+    np.testing.assert_array_equal(np.asarray(preview.data).reshape(cleaned.shape) == obj_id,
+                                  cleaned)
+    # a second click, committed while its raw mask is shown: the cleaned mask is written
+    shown.clear()
+    armed.append(True)
+    canvas_click(viewer, qtbot, points, 20, 95)
+    wait_idle(widget, qtbot)
+    # (the job's own cleaned result then belongs to a finished object: not shown)
+    assert len(shown) == 1 and shown[0][2] == "cleaning" and committed == [True]
+    assert clicks.preview is None
+    st = shown[0][0]  # (two points now: another mask)
+    raw = st.result.logits > 0
+    np.testing.assert_array_equal(shown[0][1], np.where(raw, obj_id, 0))
+    cleaned = clean_mask(raw, 40, 15)
+    assert not np.array_equal(raw, cleaned)
+    labels = np.asarray(unwrap(widget.binder.labels_layer).data)
+    expected = np.zeros(labels.shape, bool)
+    expected[st.region] = cleaned
+    np.testing.assert_array_equal(labels == obj_id, expected)
+    assert widget.session.object_id == obj_id + 1 and len(points.data) == 0

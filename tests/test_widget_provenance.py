@@ -361,3 +361,73 @@ def test_save_into_an_ome_zarr_image_writes_its_ngff_labels(
     zarr.open_group(path / "labels" / "other", mode="w", zarr_format=2)
     with pytest.raises(LabelsWriteError, match="not a label image napari-sam3 wrote"):
         save_labels_layer(labels, str(path / "labels" / "other"))
+
+
+def test_delete_merge_and_refine_on_lazy_labels_find_the_label_in_a_worker(
+    make_napari_viewer, qtbot, tiny_tracker_dir, monkeypatch
+):
+    """On a Zarr (lazy) labels layer, *Delete label*, *Merge into selected* and *Refine
+    selected label* look for the label block by block in a worker (napari never reads the
+    whole slice on its GUI thread), then edit only the label's box: the same exact ids,
+    recorded as on a NumPy layer."""
+    import threading
+
+    from gui import Notes
+
+    from napari_sam3.core import planes
+    from napari_sam3.widget import scratch_labels
+
+    monkeypatch.setattr(scratch_labels, "LARGE_PIXELS", 1000)  # the widget's labels: Zarr
+    on_main = []
+    real = planes.iter_label_box
+
+    def spy(plane, label):
+        on_main.append(threading.current_thread() is threading.main_thread())
+        return (yield from real(plane, label))
+
+    monkeypatch.setattr(planes, "iter_label_box", spy)
+    viewer, widget = dock(make_napari_viewer)
+    load_untiled(widget, qtbot, tiny_tracker_dir)
+    img = blobs()
+    add(viewer, widget, qtbot, img)
+    labels = unwrap(widget.binder.labels_layer)
+    assert isinstance(labels.data, zarr.Array)
+    data = np.zeros(img.shape, np.int32)
+    data[5:20, 10:30] = 4
+    data[40:60, 70:100] = 6
+    data[30, 5] = 6
+    data[50:70, 10:40] = 8
+    labels.data[...] = data
+    labels.refresh()
+    section, notes = widget.object_section, Notes()
+
+    labels.selected_label = 6
+    assert section.delete_label()  # started: the search runs in a worker
+    wait_idle(widget, qtbot)
+    now = np.asarray(labels.data[...])
+    np.testing.assert_array_equal(now, np.where(data == 6, 0, data))
+    assert record_of(labels).operations[-1] == {"kind": "delete", "slice": None, "ids": [6]}
+
+    labels.selected_label = 8
+    assert section.merge_into_selected(4)
+    wait_idle(widget, qtbot)
+    data = np.where(data == 6, 0, np.where(data == 4, 8, data))
+    np.testing.assert_array_equal(np.asarray(labels.data[...]), data)
+    assert record_of(labels).operations[-1]["into"] == 8
+
+    labels.selected_label = 21  # no such label: one line, nothing changed
+    assert section.delete_label()
+    wait_idle(widget, qtbot)
+    assert any("label 21 has no pixels" in m for m in notes.since())
+    np.testing.assert_array_equal(np.asarray(labels.data[...]), data)
+
+    labels.selected_label = 8
+    assert section.refine_selected()
+    wait_idle(widget, qtbot)
+    clicks = section.clicks
+    assert widget.session.object_id == 8 and clicks.preview is not None
+    np.testing.assert_array_equal(clicks.mask_prompt[2], data == 8)
+    assert on_main == [False, False, False, False]
+    assert section.commit()
+    op = record_of(labels).operations[-1]
+    assert op["kind"] == "prompts" and op["objects"][0]["mask"] == {"labels_id": 8}

@@ -166,6 +166,24 @@ def largest_label(data, progress=None) -> int:
             progress(done, total)
 
 
+def _blocks(data) -> list[tuple[slice, ...]]:
+    """Keys of the blocks a lazy array is read in: its chunks (whole chunks along every
+    axis), else runs of rows of at most 64 MiB (at 4 bytes a pixel)."""
+    import itertools
+
+    shape = tuple(int(s) for s in data.shape)
+    chunks = getattr(data, "chunks", None)
+    if chunks and isinstance(chunks[0], tuple):  # dask: per-axis block sizes
+        chunks = tuple(max(c) for c in chunks)
+    if not chunks or len(chunks) != len(shape):
+        rows = max(1, (64 << 20) // max(1, int(np.prod(shape[1:])) * 4))
+        chunks = (min(rows, shape[0]),) + shape[1:]
+    step = tuple(max(1, int(c)) for c in chunks)
+    blocks = [range(0, s, c) for s, c in zip(shape, step, strict=True)]
+    return [tuple(slice(a, min(a + c, s)) for a, c, s in zip(start, step, shape, strict=True))
+            for start in itertools.product(*blocks)]
+
+
 def iter_largest_label(data):
     """:func:`largest_label` as a generator: yields ``(done, total)`` blocks, returns the
     largest value (a worker can stop it between blocks)."""
@@ -174,23 +192,48 @@ def iter_largest_label(data):
         return 0
     if isinstance(data, np.ndarray):
         return max(int(data.max()), 0)
-    chunks = getattr(data, "chunks", None)
-    if chunks and isinstance(chunks[0], tuple):  # dask: per-axis block sizes
-        chunks = tuple(max(c) for c in chunks)
-    if not chunks or len(chunks) != len(shape):
-        rows = max(1, (64 << 20) // max(1, int(np.prod(shape[1:])) * 4))
-        chunks = (min(rows, shape[0]),) + shape[1:]
-    # whole chunks along the last two axes at a time, one leading index per block
-    step = tuple(int(c) for c in chunks)
-    blocks = [range(0, s, c) for s, c in zip(shape, step, strict=True)]
-    import itertools
-
-    starts = list(itertools.product(*blocks))
+    keys = _blocks(data)
     top = 0
-    for i, start in enumerate(starts, 1):
-        key = tuple(slice(a, min(a + c, s)) for a, c, s in zip(start, step, shape, strict=True))
+    for i, key in enumerate(keys, 1):
         block = np.asarray(data[key])
         if block.size:
             top = max(top, int(block.max()))
-        yield i, len(starts)
+        yield i, len(keys)
     return top
+
+
+def iter_label_box(plane, label: int):
+    """The bounding box ``(row slice, col slice)`` of the pixels equal to ``label`` in a
+    2D ``plane`` (NumPy, Zarr, dask or any array-like with ``shape`` and ``[key]``), read
+    block by block: yields ``(done, total)`` blocks (a worker can stop it between them),
+    returns the box, or None when no pixel has that label. Memory: one block."""
+    from .postprocess import mask_box
+
+    label = int(label)
+    if len(plane.shape) != 2:
+        raise ValueError(f"a plane is 2D, not {len(plane.shape)}D")
+    if isinstance(plane, np.ndarray):
+        rows, cols = mask_box(plane == label)
+        return None if rows.stop == 0 else (rows, cols)
+    keys = _blocks(plane) if 0 not in plane.shape else []
+    r0 = c0 = None
+    r1 = c1 = 0
+    for i, (kr, kc) in enumerate(keys, 1):
+        rows, cols = mask_box(np.asarray(plane[kr, kc]) == label)
+        if rows.stop:
+            top, left = kr.start + rows.start, kc.start + cols.start
+            r0 = top if r0 is None else min(r0, top)
+            c0 = left if c0 is None else min(c0, left)
+            r1, c1 = max(r1, kr.start + rows.stop), max(c1, kc.start + cols.stop)
+        yield i, len(keys)
+    return None if r0 is None else (slice(r0, r1), slice(c0, c1))
+
+
+def label_box(plane, label: int):
+    """:func:`iter_label_box` run to its end."""
+    steps = iter_label_box(plane, label)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value

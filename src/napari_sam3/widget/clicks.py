@@ -9,6 +9,8 @@ next object id. No widgets here: the Object section shows and drives this.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +20,7 @@ from ..core.prompts import PromptError
 from . import layer_data, provenance_log
 from .errors import UserError, guarded
 from .image_source import same, unwrap
-from .jobs import ClickRequest
+from .jobs import ClickRequest, click_labels
 
 DEBOUNCE_MS = 150  # live preview: changes within this window are segmented once
 
@@ -34,6 +36,7 @@ class Preview:
     spatial_shape: tuple
     request: ClickRequest | None = None  # what made it (for the provenance of a commit)
     result: object = None  # its ObjectMask: the tile it was decoded in, its scores
+    raw: bool = False  # the decoder's mask, shown before the clean-up (jobs.RawPreview)
 
     @property
     def mask(self) -> np.ndarray:
@@ -79,6 +82,7 @@ class ClickSegmentation(QObject):
         self.live = True
         self.preview: Preview | None = None
         self.mask_prompt: tuple[int, tuple, np.ndarray] | None = None  # (id, slice, mask)
+        self._mask_box: tuple[slice, slice] | None = None  # where the mask's label was found
         self._warned_no_model = False
         self._dirty = False  # a change arrived within the debounce window
         self._clean_up = (session.post.max_hole_area, session.post.max_sprinkle_area)
@@ -276,13 +280,14 @@ class ClickSegmentation(QObject):
         self.runner.click(req, self._on_done)
         return True
 
-    def _on_done(self, req: ClickRequest, result) -> None:
+    def _on_done(self, req: ClickRequest, result, raw: bool = False) -> None:
         if req.obj_id != self.session.object_id or not same(req.image_layer,
                                                               self.binder.image_layer):
             return
         obj, labels = result
         region = tuple(slice(int(s.start or 0), int(s.stop)) for s in obj.region)
-        self.show(Preview(req.obj_id, req.lead, region, labels, req.spatial_shape, req, obj))
+        self.show(Preview(req.obj_id, req.lead, region, labels, req.spatial_shape, req, obj,
+                          raw))
         area = int(np.count_nonzero(labels))
         note = f"; {req.ignored} non-rectangle shape(s) ignored" if req.ignored else ""
         where = _where(req.lead)
@@ -343,12 +348,15 @@ class ClickSegmentation(QObject):
         """
         session, binder = self.session, self.binder
         obj_id = session.object_id
-        if self.runner.current_worker is not None or self.busy:
+        st = self.preview
+        # shown raw, its clean-up still running: the commit cleans it here (the same labels)
+        cleaning = (self.runner.click_step == "cleaning" and not self.busy and st is not None
+                    and st.raw and st.obj_id == obj_id)
+        if not cleaning and (self.runner.current_worker is not None or self.busy):
             session.report(
                 "SAM3: the preview is still being computed; commit when it is shown", "warning"
             )
             return False
-        st = self.preview
         if st is None or st.obj_id != obj_id:
             session.report(
                 f"SAM3: nothing to commit: object {obj_id} has no preview pending (segment "
@@ -371,6 +379,8 @@ class ClickSegmentation(QObject):
             return False
         from ..core.postprocess import paste_object
 
+        if st.raw:  # shown before its clean-up (still running, or stopped): cleaned here
+            st = dataclasses.replace(st, labels=click_labels(st.result, st.request), raw=False)
         key = st.lead + st.region
         crop = target.read(key)
         overwrite = session.post.overwrite
@@ -409,8 +419,8 @@ class ClickSegmentation(QObject):
         if req is None:
             return None
         refs = None
-        if req.prompt.mask is not None and np.array_equal(target.read(st.lead) == obj_id,
-                                                          req.prompt.mask):
+        if req.prompt.mask is not None and self._mask_unchanged(target, st.lead, obj_id,
+                                                                req.prompt.mask):
             refs = {0: {"labels_id": int(obj_id)}}
         op = prompts_op([req.prompt], [obj_id], [st.result],
                         slice_index=provenance_log.slice_of(st.lead), limits=req.limits,
@@ -418,6 +428,19 @@ class ClickSegmentation(QObject):
                         max_sprinkle_area=req.max_sprinkle_area, mask_refs=refs)
         op["commit"] = {"overwrite": bool(overwrite)}
         return op
+
+    def _mask_unchanged(self, target, lead: tuple, obj_id: int, mask) -> bool:
+        """The label's pixels are still the refined mask: on the whole slice for a NumPy
+        layer; for a large or lazy one, over the box the label was found in (what lies
+        outside was not read, so as not to read the slice on the GUI thread)."""
+        from .labels_target import PlaneView
+
+        if PlaneView(target, lead).in_memory:
+            return np.array_equal(target.read(lead) == obj_id, mask)
+        box = self._mask_box  # (the mask is all False outside it: see _refine)
+        if box is None:
+            return False
+        return np.array_equal(target.read(lead + tuple(box)) == obj_id, mask[box])
 
     def new_object(self) -> int:
         """Switch to a fresh object id: one more than any label or prompt id."""
@@ -448,11 +471,20 @@ class ClickSegmentation(QObject):
             session.report(f"SAM3: {exc}")
             return False
         lead = binder.current_slice(src)
-        mask = target.read(lead) == obj_id
-        if not mask.any():
-            session.report(
+        from .tasks import find_label
+
+        return find_label(session, self.runner, target, lead, obj_id, functools.partial(
+            self._refine, labels, target, lead, obj_id))
+
+    def _refine(self, labels, target, lead: tuple, obj_id: int, box) -> bool:
+        """:meth:`refine_selected` once the label's box on the slice is known."""
+        if box is None:
+            self.session.report(
                 f"SAM3: label {obj_id} has no pixels in '{labels.name}'{_where(lead)} to refine")
             return False
-        session.object_id = obj_id
+        mask = np.zeros(target.shape[len(lead):], dtype=bool)  # (pages only where set)
+        mask[box] = target.read(lead + tuple(box)) == obj_id
+        self.session.object_id = obj_id
         self.mask_prompt = (obj_id, lead, mask)
+        self._mask_box = tuple(box)
         return self.segment(quiet=False)

@@ -255,3 +255,25 @@ class LabelTargets:
         hit = self._pyramids.pop(id(raw), None)
         if hit is not None and hasattr(hit[1].pyramid, "close"):
             hit[1].pyramid.close()
+
+
+class PlaneView:
+    """Plane ``lead`` (full resolution) of a labels target as an array-like for scans in
+    a worker: ``shape``, ``chunks`` (the storage's, where it has any) and ``[rows, cols]``
+    (read through the target, so queued pyramid writes are waited for)."""
+
+    def __init__(self, target, lead: tuple):
+        self.target, self.lead = target, tuple(int(i) for i in lead)
+        self.shape = tuple(int(s) for s in target.shape[len(self.lead):])
+        chunks = getattr(target.data, "chunks", None)
+        if chunks and isinstance(chunks[0], tuple):  # dask
+            chunks = tuple(max(c) for c in chunks)
+        self.chunks = tuple(int(c) for c in chunks[-2:]) if chunks else None
+
+    @property
+    def in_memory(self) -> bool:
+        """A NumPy layer: a scan costs less than a worker would."""
+        return self.target.pyramid is None and isinstance(self.target.data, np.ndarray)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.target.read(self.lead + tuple(key))

@@ -19,6 +19,7 @@ import weakref
 from qtpy.QtCore import QObject, Signal
 
 from .errors import Cancelled, guarded, qt_deleted, shielded, user_message
+from .jobs import RawPreview
 
 
 class JobRunner(QObject):
@@ -88,7 +89,8 @@ class JobRunner(QObject):
     # -- the click job ---------------------------------------------------------------------------
     def click(self, req, on_done) -> None:
         """Segment ``req`` (a ClickRequest) in a worker; ``on_done(req, (obj, labels))`` on
-        the GUI thread if it is still the latest request when it ends."""
+        the GUI thread if it is still the latest request when it ends (and, with a
+        clean-up set, once before with the raw mask, ``raw=True``, while it is cleaned)."""
         from napari.qt.threading import create_worker
 
         from .jobs import segment_job
@@ -103,7 +105,7 @@ class JobRunner(QObject):
             _start_thread=False,
             _ignore_errors=True,
         )
-        worker.yielded.connect(functools.partial(self._on_click_step, job))
+        worker.yielded.connect(functools.partial(self._on_click_step, job, req, on_done))
         worker.returned.connect(functools.partial(self._on_click_done, job, req, on_done))
         worker.errored.connect(functools.partial(self._on_click_error, job))
         worker.finished.connect(functools.partial(self._on_click_finished, job, req))
@@ -133,8 +135,14 @@ class JobRunner(QObject):
         )
 
     @guarded
-    def _on_click_step(self, job: int, step: str) -> None:
+    def _on_click_step(self, job: int, req, on_done, step) -> None:
         if job != self._seq:
+            return
+        if isinstance(step, RawPreview):  # the decoded mask, shown while it is cleaned
+            self.click_step = "cleaning"
+            if self._is_current(job):
+                on_done(req, (step.obj, step.labels), raw=True)
+            self.changed.emit()
             return
         self.click_step = step
         if step == "encoding":

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
+
 from . import jobs, layer_data, provenance_log, results
 from .errors import UserError, user_message
+from .image_source import unwrap
 
 
 class LongTask:
@@ -42,6 +45,53 @@ class LongTask:
 
     def on_finished(self) -> None:
         """The worker ended (done, cancelled or failed)."""
+
+
+class FindLabelTask(LongTask):
+    """Find a label's bounding box on a plane of a large or lazy labels layer, block by
+    block, so napari never waits for the whole plane to be read; ``then(box)`` runs on the
+    GUI thread with ``(row slice, col slice)`` or None (no such pixel)."""
+
+    title = "label search"
+
+    def __init__(self, session, plane, label: int, then):
+        super().__init__(session)
+        self.plane, self.label, self.then = plane, int(label), then
+
+    def job(self, progress) -> tuple:
+        from ..core.planes import iter_label_box
+
+        return iter_label_box, self.plane, self.label
+
+    def on_yield(self, value) -> None:
+        self.done, self.total = value
+
+    def on_returned(self, box) -> None:
+        self.then(box)
+
+    def on_finished(self) -> None:
+        if self.cancelled:
+            self.session.status(f"Search for label {self.label} cancelled: nothing changed")
+
+
+def find_label(session, runner, target, lead: tuple, label: int, then) -> bool:
+    """``then(box)`` with the bounding box of ``label`` on slice ``lead`` of ``target`` (or
+    None): at once for a NumPy layer, else after a :class:`FindLabelTask` read
+    the plane block by block in a worker (progress, Cancel; returns True once started)."""
+    from ..core.planes import label_box
+    from .labels_target import PlaneView
+
+    plane = PlaneView(target, lead)
+    if plane.in_memory:
+        return then(label_box(np.asarray(target.read(lead)), label))
+    try:
+        runner.check_idle()
+    except UserError as exc:
+        session.report(f"SAM3: {exc}")
+        return False
+    session.status(f"Looking for label {label} in '{unwrap(target.layer).name}'...")
+    runner.start(FindLabelTask(session, plane, label, then))
+    return True
 
 
 class PrecomputeTask(LongTask):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -13,7 +15,7 @@ from qtpy.QtWidgets import (
 )
 
 from ...core.defaults import MAX_ID
-from .. import layer_data, provenance_log
+from .. import layer_data, provenance_log, tasks
 from ..clicks import ClickSegmentation
 from ..errors import UserError, guarded
 from ..image_source import unwrap
@@ -160,20 +162,25 @@ class ObjectSection(QWidget):
         except (UserError, layer_data.LayerError) as exc:
             session.report(f"SAM3: {exc}")
             return False
-        from ...core.postprocess import mask_box
+        lead = binder.current_slice(src)
+        return tasks.find_label(session, self.runner, target, lead, source, functools.partial(
+            self._apply_edit, kind, labels, target, lead, source, into))
+
+    def _apply_edit(self, kind: str, labels, target, lead: tuple, source: int, into: int,
+                    box) -> bool:
+        """``source`` -> ``into`` over its box on the slice (one undo step, recorded)."""
         from ...core.provenance import edit_op
 
-        lead = binder.current_slice(src)
+        session = self.session
         where = f" on {layer_data.format_slice(lead)}" if lead else ""
-        hit = np.asarray(target.read(lead)) == source
-        if not hit.any():
+        if box is None:
             session.report(f"SAM3: label {source} has no pixels in '{labels.name}'{where}")
             return False
-        rows, cols = mask_box(hit)
-        key = lead + (rows, cols)
+        key = lead + tuple(box)
         old = target.read(key)
-        new = np.where(hit[rows, cols], into, old).astype(old.dtype)
-        recorder = provenance_log.recorder(session, binder)
+        hit = old == source
+        new = np.where(hit, into, old).astype(old.dtype)
+        recorder = provenance_log.recorder(session, self.binder)
         with recorder.writing(labels):
             target.write_region(key, old, new)
         recorder.append(labels, edit_op(kind, [source], into=into,
@@ -267,3 +274,4 @@ class ObjectSection(QWidget):
     @guarded
     def _on_merge_clicked(self, *_) -> None:
         self.merge_into_selected()
+
