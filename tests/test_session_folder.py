@@ -217,3 +217,28 @@ def test_image_matching_by_path_name_and_fingerprint(tmp_path, monkeypatch):
     assert not sf.same_image_ref(unnamed, {"path": None, "name": "other"})
     (tmp_path / "auto" / "junk").mkdir()  # not a session: never listed
     assert sf.find_autosaves(same) == [folder]
+
+
+def test_old_autosaves_of_an_image_are_pruned_keeping_the_newest(tmp_path, monkeypatch):
+    """Only this image's autosaves beyond the newest few go; one in use, another image's,
+    and a folder that is not ours stay."""
+    monkeypatch.setenv(sf.AUTOSAVE_ENV, str(tmp_path / "auto"))
+    image = np.arange(40 * 60, dtype=np.uint16).reshape(40, 60)
+    rec = record(image=image)
+    folders = []
+    for day in range(1, 7):  # six autosaves of the image, oldest first
+        folder = tmp_path / "auto" / f"cells-{day}"
+        sf.write_session(folder, {**rec, "saved": f"2026-11-0{day}T10:00:00"}, None)
+        folders.append(folder)
+    other = record(image=image + 1)
+    sf.write_session(tmp_path / "auto" / "other", other, None)
+    (tmp_path / "auto" / "junk").mkdir()
+    (tmp_path / "auto" / "junk" / "notes.txt").write_text("mine")
+    in_use = folders[0]  # the oldest, but a widget is autosaving into it
+    removed = sf.prune_autosaves(rec["image"], keep=3, exclude=[in_use])
+    assert sorted(removed) == sorted(folders[1:3])  # beyond the 3 newest, not in use
+    assert sf.find_autosaves(rec["image"]) == [folders[5], folders[4], folders[3], in_use]
+    assert sf.is_session(tmp_path / "auto" / "other")
+    assert (tmp_path / "auto" / "junk" / "notes.txt").read_text() == "mine"
+    assert sf.prune_autosaves(rec["image"], keep=3, exclude=[in_use]) == []
+    assert sf.KEEP_AUTOSAVES == 5

@@ -81,6 +81,13 @@ def test_save_close_open_in_a_new_viewer_and_continue(make_napari_viewer, qtbot,
     widget.cache_section.overlap_spin.setValue(64)
     widget.post_section.max_hole_area.setValue(7)
     widget.post_section.overwrite_checkbox.setChecked(True)
+    prop, inst = widget.propagate_section, widget.instances_section
+    prop.direction_combo.setCurrentText("forward")
+    prop.stop_after_spin.setValue(3)
+    inst.concept_text_edit.setText("nucleus")
+    inst.threshold_spin.setValue(0.7)
+    inst.points_per_side_spin.setValue(8)
+    inst.min_area_spin.setValue(5)
     open_image(viewer, widget, qtbot, image_file)
     image = unwrap(widget.binder.image_layer)
     low, high = (float(v) for v in image.contrast_limits_range)
@@ -123,6 +130,10 @@ def test_save_close_open_in_a_new_viewer_and_continue(make_napari_viewer, qtbot,
     assert rec["settings"]["postprocess"] == {"max_hole_area": 7, "max_sprinkle_area":
                                               widget.post_section.max_sprinkle_area.value(),
                                               "overwrite": True}
+    assert rec["settings"]["propagation"] == {"direction": "forward", "stop_after": 3}
+    assert rec["settings"]["concept"] == {"text": "nucleus", "model": "", "threshold": 0.7}
+    assert rec["settings"]["everything"]["points_per_side"] == 8
+    assert rec["settings"]["everything"]["min_area"] == 5
     viewer.close()
 
     viewer2, widget2 = dock(make_napari_viewer)
@@ -145,6 +156,13 @@ def test_save_close_open_in_a_new_viewer_and_continue(make_napari_viewer, qtbot,
     assert widget2.session.tiling == (1024, 64)
     assert widget2.post_section.max_hole_area.value() == 7
     assert widget2.session.post.overwrite
+    prop2, inst2 = widget2.propagate_section, widget2.instances_section
+    assert prop2.direction_combo.currentText() == "forward"
+    assert prop2.stop_after_spin.value() == 3
+    assert inst2.concept_text_edit.text() == "nucleus"
+    assert inst2.threshold_spin.value() == pytest.approx(0.7)
+    assert inst2.threshold_slider.value() == 700  # the slider follows
+    assert inst2.points_per_side_spin.value() == 8 and inst2.min_area_spin.value() == 5
     assert widget2.session.object_id == 3  # the object being edited, max + 1
 
     # continue: the model, then object 3 is committed and the next id is 4

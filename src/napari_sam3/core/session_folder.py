@@ -356,6 +356,24 @@ def new_autosave_folder(name: str, root=None) -> Path:
     return root / f"{slug or 'image'}-{stamp}-{salt}"
 
 
+KEEP_AUTOSAVES = 5  # per image, besides those in use: older ones are deleted
+
+
+def prune_autosaves(image: dict, keep: int = KEEP_AUTOSAVES, root=None,
+                    exclude=()) -> list[Path]:
+    """Delete the autosaves of ``image`` (as :func:`find_autosaves` finds them) beyond the
+    ``keep`` newest, never one in ``exclude``; only session folders of ours are deleted.
+    Returns the deleted folders (one that cannot be deleted is left, and skipped)."""
+    removed = []
+    for folder in find_autosaves(image, root, exclude)[max(0, int(keep)):]:
+        try:
+            if remove(folder):
+                removed.append(folder)
+        except SessionError:
+            continue
+    return removed
+
+
 def find_autosaves(image: dict, root=None, exclude=()) -> list[Path]:
     """Autosaves (sessions of ours under the autosave root) of ``image`` (``path``,
     ``name``, ``shape``, ``fingerprint``): same path or name and same pixels, newest
@@ -383,4 +401,4 @@ __all__ = ["SCHEMA", "VERSION", "KIND", "SessionError", "is_session", "check_tar
            "remove", "new_record", "check_record", "read_record", "write_record",
            "set_provenance", "read_provenance", "image_mismatch", "same_image_ref",
            "copy_labels", "update_labels", "read_labels", "write_session", "autosave_root",
-           "new_autosave_folder", "find_autosaves"]
+           "new_autosave_folder", "find_autosaves", "prune_autosaves", "KEEP_AUTOSAVES"]

@@ -98,7 +98,8 @@ class Sam3Widget(QWidget):
         self.post_section = PostSection(session)
         self.encoded_overlay = EncodedOverlay(session, runner, binder, self)
         self.store = SessionStore(session, binder, WidgetSettings(
-            self.model_section, self.cache_section, self.post_section), self)
+            self.model_section, self.cache_section, self.post_section,
+            self.propagate_section, self.instances_section), self)
         self.session_section = SessionSection(session, self.store)
         self._build()
         self.store.offer.connect(self._on_offer)

@@ -282,6 +282,11 @@ class SessionStore(QObject):
                              image_levels=snap["levels"])
             with self._lock:
                 track.folder, track.ready, track.created = folder, True, True
+                used = [t.folder for t in list(self._tracks.values()) if t.folder is not None]
+            try:  # this image's older autosaves beyond the newest few (ours only)
+                sf.prune_autosaves(record["image"], exclude=used)
+            except Exception:
+                log.debug("SAM3: pruning autosaves failed", exc_info=True)
             return folder
         if not ready:  # a session opened here: never replaced, the labels that differ go in
             regions = [None]
