@@ -29,11 +29,15 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 # install twice on a small disk. transformers' SAM3 image processor needs
 # torchvision; this pair is the one that installs together here (see README,
 # "Installing"). pip in each venv sees them as installed and adds the rest.
+# The stamp names the pair, so changing it here installs the new pair. pip is the venv's
+# (a system Python may have venv but no pip).
 TORCH_DIR := .torch
-TORCH_STAMP := $(TORCH_DIR)/.installed
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+TORCH_STAMP := $(TORCH_DIR)/.installed-$(subst ==,-,$(subst $() ,_,$(TORCH_PAIR)))
 $(TORCH_STAMP):
 	rm -rf $(TORCH_DIR)
-	$(PYTHON) -m pip install -q --target $(TORCH_DIR) "torch==2.14.1" "torchvision==0.29.1"
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --target $(TORCH_DIR) $(TORCH_PAIR)
 	touch $@
 
 # $(call make-venv,DIR,EXTRA PIP ARGS): a venv that sees $(TORCH_DIR), with the package.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,24 +221,33 @@ def test_image_matching_by_path_name_and_fingerprint(tmp_path, monkeypatch):
 
 
 def test_old_autosaves_of_an_image_are_pruned_keeping_the_newest(tmp_path, monkeypatch):
-    """Only this image's autosaves beyond the newest few go; one in use, another image's,
-    and a folder that is not ours stay."""
+    """Only this image's autosaves beyond the newest few go; one in use, one written to
+    in the last day, a session the user saved there, another image's, and a folder that
+    is not ours stay."""
     monkeypatch.setenv(sf.AUTOSAVE_ENV, str(tmp_path / "auto"))
     image = np.arange(40 * 60, dtype=np.uint16).reshape(40, 60)
-    rec = record(image=image)
+    rec = {**record(image=image), "autosave": True}
     folders = []
-    for day in range(1, 7):  # six autosaves of the image, oldest first
+    old = time.time() - 2 * sf.PRUNE_AFTER_S
+    for day in range(1, 9):  # eight autosaves of the image, oldest first
         folder = tmp_path / "auto" / f"cells-{day}"
         sf.write_session(folder, {**rec, "saved": f"2026-11-0{day}T10:00:00"}, None)
+        os.utime(folder / sf.RECORD, (old, old))
         folders.append(folder)
-    other = record(image=image + 1)
-    sf.write_session(tmp_path / "auto" / "other", other, None)
+    user_saved = folders[1]  # saved there by the user: no autosave mark
+    sf.write_record(user_saved, {**rec, "autosave": False, "saved": "2026-11-02T10:00:00"})
+    recent = folders[2]  # another napari may still autosave into it
+    sf.write_record(recent, {**rec, "saved": "2026-11-03T10:00:00"})
+    for f in (user_saved,):
+        os.utime(f / sf.RECORD, (old, old))
+    sf.write_session(tmp_path / "auto" / "other", record(image=image + 1), None)
     (tmp_path / "auto" / "junk").mkdir()
     (tmp_path / "auto" / "junk" / "notes.txt").write_text("mine")
     in_use = folders[0]  # the oldest, but a widget is autosaving into it
     removed = sf.prune_autosaves(rec["image"], keep=3, exclude=[in_use])
-    assert sorted(removed) == sorted(folders[1:3])  # beyond the 3 newest, not in use
-    assert sf.find_autosaves(rec["image"]) == [folders[5], folders[4], folders[3], in_use]
+    assert sorted(removed) == sorted(folders[3:5])  # beyond the 3 newest, prunable
+    kept = [folders[7], folders[6], folders[5], recent, user_saved, in_use]
+    assert sf.find_autosaves(rec["image"]) == kept
     assert sf.is_session(tmp_path / "auto" / "other")
     assert (tmp_path / "auto" / "junk" / "notes.txt").read_text() == "mine"
     assert sf.prune_autosaves(rec["image"], keep=3, exclude=[in_use]) == []

@@ -431,3 +431,37 @@ def test_delete_merge_and_refine_on_lazy_labels_find_the_label_in_a_worker(
     assert section.commit()
     op = record_of(labels).operations[-1]
     assert op["kind"] == "prompts" and op["objects"][0]["mask"] == {"labels_id": 8}
+
+
+def test_commits_on_an_image_with_two_leading_axes_replay_identically(
+    make_napari_viewer, qtbot, tiny_tracker_dir
+):
+    """A (T, Z, Y, X) image: commits on two (t, z) slices and a delete there are recorded
+    with their slice as a list of both indices and replayed byte for byte."""
+    viewer, widget = dock(make_napari_viewer)
+    seg = load_untiled(widget, qtbot, tiny_tracker_dir)
+    base = blobs()
+    img = np.stack([np.stack([np.roll(base, 7 * (t + z), axis=1) for z in range(3)])
+                    for t in range(2)])  # (2, 3, 72, 120)
+    add(viewer, widget, qtbot, img)
+    labels, points = unwrap(widget.binder.labels_layer), unwrap(widget.binder.points_layer)
+    assert labels.data.shape == img.shape
+    committed = []
+    for t, z, (r, c) in ((1, 2, (30, 54)), (0, 1, (45, 92))):
+        viewer.dims.set_current_step(0, t)
+        viewer.dims.set_current_step(1, z)
+        wait_idle(widget, qtbot)
+        canvas_click(viewer, qtbot, points, r, c)
+        wait_idle(widget, qtbot)
+        obj = widget.session.object_id
+        assert widget.object_section.commit()
+        assert (np.asarray(labels.data[t, z]) == obj).any()
+        committed.append(((t, z), obj))
+    labels.selected_label = committed[0][1]  # deleted on (0, 1), where it is not: one line
+    assert not widget.object_section.delete_label()
+    ops = record_of(labels).operations
+    assert [op["kind"] for op in ops] == ["prompts", "prompts"]
+    assert [op["slice"] for op in ops] == [[1, 2], [0, 1]]
+    again = replayed(record_of(labels), img, seg)
+    assert again.tobytes() == np.asarray(labels.data).tobytes()
+    assert sorted(np.unique(again).tolist()) == [0] + sorted(o for _, o in committed)

@@ -102,6 +102,7 @@ def test_save_close_open_in_a_new_viewer_and_continue(make_napari_viewer, qtbot,
     assert widget.store.last_autosave is not None
     assert widget.store.last_autosave.parent == autosave_dir
     np.testing.assert_array_equal(sf.read_labels(widget.store.last_autosave).read(), committed)
+    assert sf.read_record(widget.store.last_autosave)["autosave"] is True  # (prunable)
     # object 3 in progress: a positive and a negative point and a box
     assert widget.session.object_id == 3
     widget.object_section.clicks.set_live(False)
@@ -125,6 +126,7 @@ def test_save_close_open_in_a_new_viewer_and_continue(make_napari_viewer, qtbot,
     assert not list(autosave_dir.iterdir())  # the autosave it replaced is gone
     rec = sf.read_record(folder)
     assert rec["image"]["path"] == str(image_file) and rec["object_id"] == 3
+    assert not rec.get("autosave")  # the user's: never pruned
     assert rec["image"]["contrast_limits"] == list(chosen)
     assert rec["settings"]["tiling"] == [1024, 64]
     assert rec["settings"]["postprocess"] == {"max_hole_area": 7, "max_sprinkle_area":
@@ -178,6 +180,7 @@ def test_save_close_open_in_a_new_viewer_and_continue(make_napari_viewer, qtbot,
     # autosaves now go into the opened session
     np.testing.assert_array_equal(sf.read_labels(folder).read(), labels2.data)
     assert widget2.store.last_autosave == folder
+    assert not sf.read_record(folder).get("autosave")
 
 
 def test_a_killed_process_loses_no_commit(make_napari_viewer, qtbot, tmp_path, tiny_tracker_dir,
@@ -367,3 +370,58 @@ def test_pyramid_labels_autosave_only_the_written_regions_and_reopen(
     for got, exp in zip(levels(widget2.binder.target(labels2).pyramid), undone, strict=True):
         np.testing.assert_array_equal(got, exp)
     assert widget2.session.object_id == int(undone[0].max()) + 1
+
+
+def test_a_session_keeps_its_channel_layers(make_napari_viewer, qtbot, tmp_path,
+                                            tiny_tracker_dir, autosave_dir, image_file):
+    """The extra channel layers the model saw come back with the session (found by path
+    or name, opened from their path, with their contrast limits); one that cannot be
+    found is left out with a warning, and the session still opens."""
+    from gui import Notes
+
+    membrane = tmp_path / "membrane.tif"
+    tifffile.imwrite(membrane, cells()[::-1].copy())
+    viewer, widget = dock(make_napari_viewer)
+    load(widget, qtbot, tiny_tracker_dir)
+    open_image(viewer, widget, qtbot, image_file)
+    (mem,) = viewer.open(str(membrane))
+    images = widget.layers_section.image_combo
+    images.setCurrentIndex(images.findText("cells"))  # (as a user picks it)
+    qtbot.waitUntil(lambda: unwrap(widget.binder.image_layer).name == "cells"
+                    and widget.binder.labels_layer is not None, timeout=WAIT_MS)
+    wait_idle(widget, qtbot)
+    combo = widget.layers_section.channel_combos[0]
+    combo.setCurrentIndex(combo.findText("membrane"))
+    assert [unwrap(ly).name for ly in widget.binder.channels] == ["cells", "membrane"]
+    mem.contrast_limits = (150.0, 700.0)
+    points, _, labels = layers_of(widget)
+    assert commit_point(widget, qtbot, points, 30, 40) == 1
+    folder = tmp_path / "two channels"
+    assert widget.session_section.save_session(str(folder))
+    wait_idle(widget, qtbot)
+    (ref,) = sf.read_record(folder)["settings"]["channels"]
+    assert ref["path"] == str(membrane) and ref["contrast_limits"] == [150.0, 700.0]
+    committed = labels.data.copy()
+    viewer.close()
+
+    viewer2, widget2 = dock(make_napari_viewer)
+    assert widget2.session_section.open_session(str(folder))
+    qtbot.waitUntil(lambda: widget2.store.last_opened == folder, timeout=WAIT_MS)
+    wait_idle(widget2, qtbot)
+    chans = widget2.binder.channels
+    assert [unwrap(ly).name for ly in chans] == ["cells", "membrane"]
+    assert unwrap(chans[1]).source.path == str(membrane)
+    assert tuple(unwrap(chans[1]).contrast_limits) == (150.0, 700.0)
+    assert widget2.layers_section.channel_combos[0].currentText() == "membrane"
+    np.testing.assert_array_equal(layers_of(widget2)[2].data, committed)
+    viewer2.close()
+
+    membrane.unlink()  # gone: the session opens with the image alone, and says so
+    viewer3, widget3 = dock(make_napari_viewer)
+    notes = Notes()
+    assert widget3.session_section.open_session(str(folder))
+    qtbot.waitUntil(lambda: widget3.store.last_opened == folder, timeout=WAIT_MS)
+    wait_idle(widget3, qtbot)
+    assert widget3.binder.channels is None
+    assert any("membrane" in m and "without that channel" in m for m in notes.since())
+    np.testing.assert_array_equal(layers_of(widget3)[2].data, committed)

@@ -20,7 +20,11 @@ The record::
                   "tiling": [tile, overlap] | null,
                   "postprocess": {"max_hole_area", "max_sprinkle_area", "overwrite"}},
      "points": {"name", "data": [[...], ...], "object_id": [...], "positive": [...]},
-     "boxes": {"name", "data": [[[...], ...], ...], "shape_type": [...], "object_id": [...]}}
+     "boxes": {"name", "data": [[[...], ...], ...], "shape_type": [...], "object_id": [...]},
+     "autosave": true}                                  # only in autosaves (prunable)
+
+``settings`` also holds ``channels`` (the image refs of the extra channel layers) and
+the widget's ``propagation``, ``concept`` and ``everything`` fields.
 
 The image is referenced by path and content fingerprint, never copied. A folder is
 ours (:func:`is_session`) when it holds our marker, a record and nothing else; only
@@ -357,19 +361,28 @@ def new_autosave_folder(name: str, root=None) -> Path:
 
 
 KEEP_AUTOSAVES = 5  # per image, besides those in use: older ones are deleted
+PRUNE_AFTER_S = 24 * 3600  # an autosave written to within this time is never deleted
 
 
 def prune_autosaves(image: dict, keep: int = KEEP_AUTOSAVES, root=None,
                     exclude=()) -> list[Path]:
     """Delete the autosaves of ``image`` (as :func:`find_autosaves` finds them) beyond the
-    ``keep`` newest, never one in ``exclude``; only session folders of ours are deleted.
-    Returns the deleted folders (one that cannot be deleted is left, and skipped)."""
+    ``keep`` newest. Only folders that are sessions of ours *and* were written as
+    autosaves (``"autosave": true`` in their record; a session the user saved is never
+    pruned, even there), none in ``exclude``, and none whose record changed in the last
+    :data:`PRUNE_AFTER_S` (another napari may still be autosaving into it). Returns the
+    deleted folders (one that cannot be deleted is left, and skipped)."""
     removed = []
+    now = time.time()
     for folder in find_autosaves(image, root, exclude)[max(0, int(keep)):]:
         try:
+            if not read_record(folder).get("autosave"):
+                continue
+            if now - (Path(folder) / RECORD).stat().st_mtime < PRUNE_AFTER_S:
+                continue
             if remove(folder):
                 removed.append(folder)
-        except SessionError:
+        except (SessionError, OSError):
             continue
     return removed
 

@@ -350,8 +350,8 @@ class ClickSegmentation(QObject):
         obj_id = session.object_id
         st = self.preview
         # shown raw, its clean-up still running: the commit cleans it here (the same labels)
-        cleaning = (self.runner.click_step == "cleaning" and not self.busy and st is not None
-                    and st.raw and st.obj_id == obj_id)
+        cleaning = (self.runner.cleaning and not self.busy and st is not None and st.raw
+                    and st.obj_id == obj_id)
         if not cleaning and (self.runner.current_worker is not None or self.busy):
             session.report(
                 "SAM3: the preview is still being computed; commit when it is shown", "warning"
@@ -381,6 +381,7 @@ class ClickSegmentation(QObject):
 
         if st.raw:  # shown before its clean-up (still running, or stopped): cleaned here
             st = dataclasses.replace(st, labels=click_labels(st.result, st.request), raw=False)
+            self.runner.supersede(quiet=True)  # its own cleaned mask is this one
         key = st.lead + st.region
         crop = target.read(key)
         overwrite = session.post.overwrite
@@ -474,10 +475,16 @@ class ClickSegmentation(QObject):
         from .tasks import find_label
 
         return find_label(session, self.runner, target, lead, obj_id, functools.partial(
-            self._refine, labels, target, lead, obj_id))
+            self._refine, labels, binder.image_layer, target, lead, obj_id))
 
-    def _refine(self, labels, target, lead: tuple, obj_id: int, box) -> bool:
+    def _refine(self, labels, image, target, lead: tuple, obj_id: int, box) -> bool:
         """:meth:`refine_selected` once the label's box on the slice is known."""
+        binder = self.binder
+        if (not same(labels, binder.labels_layer) or not same(image, binder.image_layer)
+                or not binder.alive(labels)):
+            self.session.report(f"SAM3: the layers changed while label {obj_id} was looked "
+                                "for: not refined")
+            return False
         if box is None:
             self.session.report(
                 f"SAM3: label {obj_id} has no pixels in '{labels.name}'{_where(lead)} to refine")

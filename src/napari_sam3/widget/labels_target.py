@@ -265,7 +265,8 @@ class PlaneView:
     def __init__(self, target, lead: tuple):
         self.target, self.lead = target, tuple(int(i) for i in lead)
         self.shape = tuple(int(s) for s in target.shape[len(self.lead):])
-        chunks = getattr(target.data, "chunks", None)
+        levels = getattr(target.pyramid, "levels", None)
+        chunks = getattr(levels[0] if levels else target.data, "chunks", None)
         if chunks and isinstance(chunks[0], tuple):  # dask
             chunks = tuple(max(c) for c in chunks)
         self.chunks = tuple(int(c) for c in chunks[-2:]) if chunks else None

@@ -37,7 +37,8 @@ class JobRunner(QObject):
         self.load_worker = None
         self.current_worker = None  # the click job
         self.task = None  # the running LongTask
-        self.click_step = ""  # "cache", "encoding" or "post-processing"
+        self.click_step = ""  # "cache", "encoding", "post-processing" or "cleaning"
+        self._quiet_end = False  # the running click ends without a "ready" line
         self._seq = 0
         self._cancelled: set[int] = set()
         self._pending: bool | None = None  # quiet flag of a click waiting for the worker
@@ -111,6 +112,7 @@ class JobRunner(QObject):
         worker.finished.connect(functools.partial(self._on_click_finished, job, req))
         self.current_worker = worker
         self.click_step = ""
+        self._quiet_end = False
         worker.start()
 
     def defer_click(self, quiet: bool) -> None:
@@ -119,11 +121,18 @@ class JobRunner(QObject):
         if self.current_worker is not None:
             self.current_worker.quit()
 
-    def supersede(self) -> None:
-        """Stop the running click job at its next step, without reporting it cancelled."""
+    def supersede(self, quiet: bool = False) -> None:
+        """Stop the running click job at its next step, without reporting it cancelled
+        (``quiet``: nor "ready" when it ends: a commit said what happened)."""
         self._pending = None
+        self._quiet_end = self._quiet_end or quiet
         if self.current_worker is not None:
             self.current_worker.quit()
+
+    @property
+    def cleaning(self) -> bool:
+        """The latest click's raw mask is shown and being cleaned, nothing newer asked."""
+        return self.click_step == "cleaning" and self._is_current(self._seq)
 
     def _is_current(self, job: int) -> bool:
         return (
@@ -176,7 +185,7 @@ class JobRunner(QObject):
         if self._pending is not None:
             quiet, self._pending = self._pending, None
             self.click_again.emit(quiet)
-        elif stopped:
+        elif stopped and not self._quiet_end:
             self.session.status(f"Object {self.session.object_id}: ready")
 
     # -- the long task ---------------------------------------------------------------------------

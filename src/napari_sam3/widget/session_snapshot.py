@@ -33,8 +33,7 @@ class WidgetSettings:
         if self.instances is not None:
             i = self.instances
             groups["concept"] = {"text": (i.concept_text_edit, str),
-                                 "model": (i.concept_model_edit, str),
-                                 "threshold": (i.threshold_spin, float)}
+                                 "model": (i.concept_model_edit, str)}
             groups["everything"] = {"points_per_side": (i.points_per_side_spin, int),
                                     "pred_iou_thresh": (i.pred_iou_spin, float),
                                     "stability_score_thresh": (i.stability_spin, float),
@@ -52,6 +51,8 @@ class WidgetSettings:
                                "overwrite": bool(post.overwrite)}}
         for group, fields in self._fields().items():
             out[group] = {key: kind(_value(widget)) for key, (widget, kind) in fields.items()}
+        if self.instances is not None:
+            out["concept"]["threshold"] = float(self.instances.threshold_spin.value())
         return out
 
     def apply(self, settings: dict) -> None:
@@ -79,6 +80,17 @@ class WidgetSettings:
             for key, (widget, kind) in fields.items():
                 if key in values and values[key] is not None:
                     _set_value(widget, kind(values[key]))
+        threshold = (settings.get("concept") or {}).get("threshold")
+        if self.instances is not None and threshold is not None:
+            # the slider follows, the last concept result (another run) is not re-filtered
+            i = self.instances
+            for widget, value in ((i.threshold_spin, float(threshold)),
+                                  (i.threshold_slider, round(float(threshold) * 1000))):
+                widget.blockSignals(True)
+                try:
+                    widget.setValue(value)
+                finally:
+                    widget.blockSignals(False)
 
 
 def _value(widget):

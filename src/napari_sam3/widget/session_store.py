@@ -172,7 +172,8 @@ class SessionStore(QObject):
         pyramid = getattr(target, "pyramid", None)
         return {"image": image_ref(image),
                 "labels": {"name": raw.name, "shape": shape, "n_lead": len(shape) - 2},
-                "settings": self.settings.read(self.session),
+                "settings": dict(self.settings.read(self.session), channels=[
+                    image_ref(ly) for ly in (self.binder.channels or [])[1:]]),
                 "object_id": int(self.session.object_id),
                 "points": points_record(self.binder.points_layer),
                 "boxes": boxes_record(self.binder.shapes_layer),
@@ -276,6 +277,8 @@ class SessionStore(QObject):
             snap, track.queued = track.snapshot, False
             folder, ready, created = track.folder, track.ready, track.created
         record, snap = self._record(snap, track.image)
+        if folder is None or sf._norm(folder.parent) == sf._norm(sf.autosave_root()):
+            record["autosave"] = True  # (a session the user saved or opened is not)
         if folder is None or (not ready and (created or not folder.exists())):
             folder = folder or sf.new_autosave_folder(snap["image"]["name"])
             sf.write_session(folder, record, snap["source"], snap["provenance"],
@@ -283,6 +286,7 @@ class SessionStore(QObject):
             with self._lock:
                 track.folder, track.ready, track.created = folder, True, True
                 used = [t.folder for t in list(self._tracks.values()) if t.folder is not None]
+            used += [self._opening] if self._opening else []
             try:  # this image's older autosaves beyond the newest few (ours only)
                 sf.prune_autosaves(record["image"], exclude=used)
             except Exception:
@@ -465,20 +469,40 @@ class SessionStore(QObject):
             session.report(f"SAM3: {exc}")
             return False
         ref = image_ref(image)
+        channels = self._find_channels(record, image)
 
         def read():
             mismatch = sf.image_mismatch(record["image"],
                                          dict(ref, fingerprint=self._fingerprint(image)))
             if mismatch and not force:
-                return folder, record, image, mismatch, None
+                return folder, record, image, mismatch, None, channels
             labels = sf.read_labels(folder)
             small = int(np.prod(labels.shape, dtype=np.int64)) <= sf.ONE_WRITE
-            return folder, record, image, None, labels.read() if small else labels
+            return folder, record, image, None, labels.read() if small else labels, channels
 
         session.status(f"Opening the session {folder}...")
         self._opening = folder
         self._submit(read, self._apply, self._open_failed)
         return True
+
+    def _find_channels(self, record: dict, image) -> list:
+        """The session's extra channel layers (by path or name, like its image; opened
+        from their path if needed); one that cannot be found is left out with a warning."""
+        refs = (record.get("settings") or {}).get("channels") or []
+        found = []
+        for ref in refs:
+            try:
+                layer = find_image(self.viewer, None, ref)
+            except UserError as exc:
+                self.session.report(f"SAM3: {exc} (the session opens without that channel)",
+                                    "warning")
+                continue
+            if list(image_ref(layer)["shape"]) != list(image_ref(image)["shape"]):
+                self.session.report(f"SAM3: channel '{ref.get('name')}' has another shape "
+                                    "than the image: the session opens without it", "warning")
+                continue
+            found.append(layer)
+        return found
 
     @guarded
     def _open_failed(self, exc) -> None:
@@ -500,7 +524,7 @@ class SessionStore(QObject):
 
     @guarded
     def _apply(self, result) -> None:
-        folder, record, image, mismatch, labels_data = result
+        folder, record, image, mismatch, labels_data, channels = result
         session, binder = self.session, self.binder
         self._opening = None
         if mismatch:
@@ -511,6 +535,12 @@ class SessionStore(QObject):
             return
         binder.choose("image", image)
         restore_contrast(image, record["image"])
+        channels = [ly for ly in channels if binder.alive(ly)]
+        if channels:  # the model's other input channels, with their contrast limits
+            for layer, ref in zip(channels, record["settings"]["channels"], strict=False):
+                restore_contrast(layer, ref)
+            binder.channels = [image, *channels]
+            binder.role_changed.emit("channels")
         binder.ensure_layers()
         labels, points, boxes = binder.labels_layer, binder.points_layer, binder.shapes_layer
         try:

@@ -57,6 +57,7 @@ class FindLabelTask(LongTask):
     def __init__(self, session, plane, label: int, then):
         super().__init__(session)
         self.plane, self.label, self.then = plane, int(label), then
+        self.found = None  # (box,) once returned
 
     def job(self, progress) -> tuple:
         from ..core.planes import iter_label_box
@@ -67,11 +68,14 @@ class FindLabelTask(LongTask):
         self.done, self.total = value
 
     def on_returned(self, box) -> None:
-        self.then(box)
+        self.found = (box,)
 
     def on_finished(self) -> None:
+        """``then(box)`` once the task is over (so it may start a click or another task)."""
         if self.cancelled:
             self.session.status(f"Search for label {self.label} cancelled: nothing changed")
+        elif self.found is not None:
+            self.then(*self.found)
 
 
 def find_label(session, runner, target, lead: tuple, label: int, then) -> bool:

@@ -114,6 +114,8 @@ class LayersSection(QWidget):
             self.binder.channels = None
             self._refill_channels()
             self._on_channels_changed()
+        elif role == "channels":  # (chosen elsewhere too: an opened session)
+            self._refill_channels()
 
     # -- combos -> binder ------------------------------------------------------------------------
     @guarded

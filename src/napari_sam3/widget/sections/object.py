@@ -18,7 +18,7 @@ from ...core.defaults import MAX_ID
 from .. import layer_data, provenance_log, tasks
 from ..clicks import ClickSegmentation
 from ..errors import UserError, guarded
-from ..image_source import unwrap
+from ..image_source import same, unwrap
 
 # Keys of the annotation loop, bound on the viewer (napari's own single-letter keys stay)
 SHORTCUTS = {
@@ -173,6 +173,10 @@ class ObjectSection(QWidget):
 
         session = self.session
         where = f" on {layer_data.format_slice(lead)}" if lead else ""
+        if not same(labels, self.binder.labels_layer) or not self.binder.alive(labels):
+            session.report(f"SAM3: the labels layer changed while label {source} was looked "
+                           "for: nothing changed")
+            return False
         if box is None:
             session.report(f"SAM3: label {source} has no pixels in '{labels.name}'{where}")
             return False
