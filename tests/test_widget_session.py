@@ -425,3 +425,43 @@ def test_a_session_keeps_its_channel_layers(make_napari_viewer, qtbot, tmp_path,
     assert widget3.binder.channels is None
     assert any("membrane" in m and "without that channel" in m for m in notes.since())
     np.testing.assert_array_equal(layers_of(widget3)[2].data, committed)
+
+
+def test_two_images_autosave_into_their_own_folders(make_napari_viewer, qtbot, tmp_path,
+                                                    tiny_tracker_dir, autosave_dir, image_file):
+    """Each image's labels autosave into that image's folder: switching images never writes
+    one image's labels into the other's autosave."""
+    other_file = tmp_path / "other.tif"
+    tifffile.imwrite(other_file, cells()[:, ::-1].copy())
+    viewer, widget = dock(make_napari_viewer)
+    load(widget, qtbot, tiny_tracker_dir)
+    open_image(viewer, widget, qtbot, image_file)
+    points, _, labels_a = layers_of(widget)
+    commit_point(widget, qtbot, points, 30, 40)
+    folder_a = widget.store.last_autosave
+    (layer_b,) = viewer.open(str(other_file))
+    images = widget.layers_section.image_combo  # chosen as a user does
+    images.setCurrentIndex(images.findText("other"))
+    qtbot.waitUntil(lambda: unwrap(widget.binder.image_layer) is layer_b
+                    and widget.binder.labels_layer is not None
+                    and unwrap(widget.binder.labels_layer) is not labels_a, timeout=WAIT_MS)
+    wait_idle(widget, qtbot)
+    points_b, _, labels_b = layers_of(widget)
+    assert labels_b is not labels_a
+    commit_point(widget, qtbot, points_b, 45, 85)
+    folder_b = widget.store.last_autosave
+    assert folder_b != folder_a and folder_a.parent == folder_b.parent == autosave_dir
+    assert sf.read_record(folder_a)["image"]["name"] == "cells"
+    assert sf.read_record(folder_b)["image"]["name"] == "other"
+    np.testing.assert_array_equal(sf.read_labels(folder_b).read(), labels_b.data)
+
+    images.setCurrentIndex(images.findText("cells"))  # back to the first, one more object
+    qtbot.waitUntil(lambda: unwrap(widget.binder.labels_layer) is labels_a, timeout=WAIT_MS)
+    wait_idle(widget, qtbot)
+    commit_point(widget, qtbot, unwrap(widget.binder.points_layer), 45, 85)
+    wait_idle(widget, qtbot)
+    assert widget.store.last_autosave == folder_a  # the same folder, updated
+    np.testing.assert_array_equal(sf.read_labels(folder_a).read(), labels_a.data)
+    np.testing.assert_array_equal(sf.read_labels(folder_b).read(), labels_b.data)
+    assert sorted(p.name for p in autosave_dir.iterdir()) == sorted([folder_a.name,
+                                                                     folder_b.name])
