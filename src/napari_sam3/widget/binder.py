@@ -386,6 +386,13 @@ class LayerBinder(QObject):
                             "ids do not collide with its labels): try again in a moment")
         return self.targets.of(labels)
 
+    def edit_target(self, labels) -> tuple:
+        """``(target, slice)`` for editing ``labels`` on the shown slice of the chosen image
+        (Delete, Merge, Refine); UserError or LayerError when they do not fit."""
+        src = self.source()
+        self.labels_for(src)
+        return self.target(labels), self.current_slice(src)
+
     @staticmethod
     def _large_lazy(raw) -> bool:
         data = raw.data[0] if raw.multiscale else raw.data

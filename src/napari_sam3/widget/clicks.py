@@ -465,13 +465,10 @@ class ClickSegmentation(QObject):
                            "(its picker, or the label number)")
             return False
         try:
-            src = binder.source()
-            binder.labels_for(src)
-            target = binder.target(labels)
+            target, lead = binder.edit_target(labels)
         except (UserError, layer_data.LayerError) as exc:
             session.report(f"SAM3: {exc}")
             return False
-        lead = binder.current_slice(src)
         from .tasks import find_label
 
         return find_label(session, self.runner, target, lead, obj_id, functools.partial(

@@ -218,3 +218,42 @@ def find_image(viewer, current, ref: dict):
     where = f" ({path})" if path else ""
     raise UserError(f"the session's image '{ref.get('name')}'{where} is not open and "
                     "cannot be found: open it, then open the session again")
+
+
+def find_channels(viewer, image, record: dict, report) -> list:
+    """``(layer, ref)`` of the session's extra channel layers (``settings["channels"]``),
+    found like its image (by path or name, else opened from their path); one that cannot
+    be found, or has another shape than ``image``, is left out with a warning."""
+    found = []
+    for ref in (record.get("settings") or {}).get("channels") or []:
+        try:
+            layer = find_image(viewer, None, ref)
+        except UserError as exc:
+            report(f"SAM3: {exc} (the session opens without that channel)", "warning")
+            continue
+        if image_ref(layer)["shape"] != image_ref(image)["shape"]:
+            report(f"SAM3: channel '{ref.get('name')}' has another shape than the image: "
+                   "the session opens without it", "warning")
+            continue
+        found.append((layer, ref))
+    return found
+
+
+def restore_channels(binder, image, channels: list) -> None:
+    """Make ``image`` with the ``(layer, ref)`` channels still open the model's input, each
+    channel with its recorded contrast limits."""
+    channels = [(ly, ref) for ly, ref in channels if binder.alive(ly)]
+    if channels:
+        for layer, ref in channels:
+            restore_contrast(layer, ref)
+        binder.channels = [image, *(ly for ly, _ in channels)]
+        binder.role_changed.emit("channels")
+
+
+def distinct_regions(regions: list) -> list:
+    """``regions`` (tuples of slices: unhashable) without repeats, in order."""
+    out = []
+    for r in regions:
+        if r not in out:
+            out.append(r)
+    return out

@@ -31,10 +31,13 @@ from .image_source import level0, same, unwrap
 from .session_snapshot import (
     WidgetSettings,
     boxes_record,
+    distinct_regions,
+    find_channels,
     find_image,
     image_ref,
     paint_regions,
     points_record,
+    restore_channels,
     restore_contrast,
     restore_prompts,
 )
@@ -285,18 +288,14 @@ class SessionStore(QObject):
                              image_levels=snap["levels"])
             with self._lock:
                 track.folder, track.ready, track.created = folder, True, True
-                used = [t.folder for t in list(self._tracks.values()) if t.folder is not None]
-            used += [self._opening] if self._opening else []
-            try:  # this image's older autosaves beyond the newest few (ours only)
-                sf.prune_autosaves(record["image"], exclude=used)
-            except Exception:
-                log.debug("SAM3: pruning autosaves failed", exc_info=True)
+                used = self._held()
+            sf.prune_autosaves(record["image"], exclude=used)  # beyond the newest few
             return folder
         if not ready:  # a session opened here: never replaced, the labels that differ go in
             regions = [None]
         try:
             whole = any(r is None for r in regions)
-            for region in [None] if whole else _distinct(regions):
+            for region in [None] if whole else distinct_regions(regions):
                 sf.update_labels(folder, snap["source"], region)
             sf.set_provenance(folder, snap["provenance"])
             sf.write_record(folder, record)
@@ -319,7 +318,11 @@ class SessionStore(QObject):
 
     # -- offering an autosave -------------------------------------------------------------------------
     def _in_use(self) -> list[Path]:
-        return [t.folder for t in self._tracks.values() if t.folder is not None]
+        return [t.folder for t in list(self._tracks.values()) if t.folder is not None]
+
+    def _held(self) -> list[Path]:
+        """The folders being autosaved into or opened."""
+        return [*self._in_use(), *([self._opening] if self._opening else [])]
 
     def check_autosaves(self) -> None:
         """Look for an autosave of the chosen image (worker); ``offer`` says what was found."""
@@ -338,8 +341,7 @@ class SessionStore(QObject):
 
     def _busy(self, folder) -> bool:
         """``folder`` is being opened or autosaved into."""
-        busy = [*self._in_use(), *([self._opening] if self._opening else [])]
-        return any(sf._norm(folder) == sf._norm(p) for p in busy)
+        return any(sf._norm(folder) == sf._norm(p) for p in self._held())
 
     def _still_offered(self, folder) -> Path | None:
         """The offered autosave if it is ``folder`` (None: whichever is offered) and is
@@ -469,7 +471,7 @@ class SessionStore(QObject):
             session.report(f"SAM3: {exc}")
             return False
         ref = image_ref(image)
-        channels = self._find_channels(record, image)
+        channels = find_channels(self.viewer, image, record, session.report)
 
         def read():
             mismatch = sf.image_mismatch(record["image"],
@@ -484,25 +486,6 @@ class SessionStore(QObject):
         self._opening = folder
         self._submit(read, self._apply, self._open_failed)
         return True
-
-    def _find_channels(self, record: dict, image) -> list:
-        """The session's extra channel layers (by path or name, like its image; opened
-        from their path if needed); one that cannot be found is left out with a warning."""
-        refs = (record.get("settings") or {}).get("channels") or []
-        found = []
-        for ref in refs:
-            try:
-                layer = find_image(self.viewer, None, ref)
-            except UserError as exc:
-                self.session.report(f"SAM3: {exc} (the session opens without that channel)",
-                                    "warning")
-                continue
-            if list(image_ref(layer)["shape"]) != list(image_ref(image)["shape"]):
-                self.session.report(f"SAM3: channel '{ref.get('name')}' has another shape "
-                                    "than the image: the session opens without it", "warning")
-                continue
-            found.append(layer)
-        return found
 
     @guarded
     def _open_failed(self, exc) -> None:
@@ -535,12 +518,7 @@ class SessionStore(QObject):
             return
         binder.choose("image", image)
         restore_contrast(image, record["image"])
-        channels = [ly for ly in channels if binder.alive(ly)]
-        if channels:  # the model's other input channels, with their contrast limits
-            for layer, ref in zip(channels, record["settings"]["channels"], strict=False):
-                restore_contrast(layer, ref)
-            binder.channels = [image, *channels]
-            binder.role_changed.emit("channels")
+        restore_channels(binder, image, channels)
         binder.ensure_layers()
         labels, points, boxes = binder.labels_layer, binder.points_layer, binder.shapes_layer
         try:
@@ -619,10 +597,3 @@ class SessionStore(QObject):
         self.last_opened = Path(folder)
         self.opened.emit(str(folder))
 
-
-def _distinct(regions: list) -> list:
-    out = []
-    for r in regions:
-        if r not in out:
-            out.append(r)
-    return out

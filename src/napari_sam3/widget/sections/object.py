@@ -156,13 +156,10 @@ class ObjectSection(QWidget):
                 raise UserError(
                     "select the label to delete in the labels layer first" if kind == "delete"
                     else f"select the label to merge {source} into (another than {source})")
-            src = binder.source()
-            binder.labels_for(src)
-            target = binder.target(labels)
+            target, lead = binder.edit_target(labels)
         except (UserError, layer_data.LayerError) as exc:
             session.report(f"SAM3: {exc}")
             return False
-        lead = binder.current_slice(src)
         return tasks.find_label(session, self.runner, target, lead, source, functools.partial(
             self._apply_edit, kind, labels, target, lead, source, into))
 
