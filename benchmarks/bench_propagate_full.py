@@ -370,24 +370,17 @@ def table(results: dict) -> str:
         )
     mem = results.get("memory")
     if mem:
-        lines += [
-            "",
-            "| depth | bare peak / retained MB | ours peak / retained MB | "
-            "session tensors bare / ours MB |",
-            "|---|---|---|---|",
-        ]
-        for b, o in zip(mem["bare"], mem["ours"], strict=True):
-            lines.append(
-                f"| {b['depth']} | {b['peak_growth_mb']:.0f} / {b['retained_mb']:.0f} | "
-                f"{o['peak_growth_mb']:.0f} / {o['retained_mb']:.0f} | "
-                f"{b['session_mb']:.1f} / {o['session_mb']:.1f} |"
-            )
-        lines.append(
-            f"| MB per slice | {mem['bare_retained_mb_per_slice']:.2f} retained | "
-            f"{mem['ours_retained_mb_per_slice']:.2f} retained | "
-            f"{mem['bare_session_mb_per_slice']:.2f} / "
-            f"{mem['ours_session_mb_per_slice']:.2f} |"
-        )
+        loops = [kind for kind in ("bare", "ours") if kind in mem]
+        lines += ["", "| depth | " + " | ".join(f"{k} peak / retained MB" for k in loops)
+                  + " | session tensors " + " / ".join(loops) + " MB |",
+                  "|---" * (len(loops) + 2) + "|"]
+        for rows in zip(*(mem[k] for k in loops), strict=True):
+            lines.append(f"| {rows[0]['depth']} | " + " | ".join(
+                f"{r['peak_growth_mb']:.0f} / {r['retained_mb']:.0f}" for r in rows)
+                + " | " + " / ".join(f"{r['session_mb']:.1f}" for r in rows) + " |")
+        lines.append("| MB per slice | " + " | ".join(
+            f"{mem[f'{k}_retained_mb_per_slice']:.2f} retained" for k in loops) + " | "
+            + " / ".join(f"{mem[f'{k}_session_mb_per_slice']:.2f}" for k in loops) + " |")
     return "\n".join(lines)
 
 
@@ -405,6 +398,8 @@ def main() -> None:
         help="memory runs (default 10 20 40, tiny: 10 20; none given: skip)",
     )
     ap.add_argument("--memory-objects", type=int, default=1, choices=range(1, 6))
+    ap.add_argument("--loops", nargs="+", default=["bare", "ours"], choices=["bare", "ours"],
+                    help="which loops the memory runs measure (default both)")
     ap.add_argument("--model-dir", help="where the random checkpoint is saved (kept, reused)")
     ap.add_argument("--json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -431,16 +426,14 @@ def main() -> None:
         for n in args.objects:
             results["timing"].append(timing(model, args.slices, n, args.warmup))
         if depths:
-            mem = {"objects": args.memory_objects, "bare": [], "ours": []}
+            loops = tuple(args.loops)
+            mem = {"objects": args.memory_objects} | {kind: [] for kind in loops}
             for depth in depths:  # tiny: both children at once, to stay under a minute
-                for kind, row in zip(
-                    ("bare", "ours"),
-                    spawn(("bare", "ours"), args, model, depth, args.tiny),
-                    strict=True,
-                ):
+                for kind, row in zip(loops, spawn(loops, args, model, depth, args.tiny),
+                                     strict=True):
                     mem[kind].append(row)
                     print(f"  memory {kind} depth {depth}: {row}", flush=True)
-            for kind in ("bare", "ours"):
+            for kind in loops:
                 mem[f"{kind}_retained_mb_per_slice"] = per_slice_mb(mem[kind], "retained_mb")
                 mem[f"{kind}_session_mb_per_slice"] = per_slice_mb(mem[kind], "session_mb")
             results["memory"] = mem

@@ -89,28 +89,49 @@ def test_propagation_matches_transformers_video_recipe(seg, video_dir, stack):
             np.testing.assert_allclose(got[k][obj_id], expected[k][obj_id], rtol=0, atol=1e-4)
 
 
-def test_memory_is_bounded_by_the_tracker_window(seg, video_dir):
-    """A deep stack keeps only the tracker's window of per-slice memories."""
-    deep = np.random.default_rng(1).integers(0, 255, (40, 64, 64, 3), dtype=np.uint8)
+def test_deep_stack_keeps_only_what_the_tracker_reads(seg, video_dir):
+    """Memory flat in depth: of the slices tracked, the session keeps the mask memories of
+    the last ``num_maskmem - 1`` and the object pointers of the last
+    ``max_object_pointers_in_encoder - 1`` (and, for "both", those the backward pass will
+    read after the first prompted slice); the logits still equal transformers' loop, which
+    keeps everything."""
+    depth, first = 30, 12
+    rows, cols = np.mgrid[0:64, 0:80]
+    rng = np.random.default_rng(2)
+    deep = np.stack([np.repeat(np.clip(40 + 150 * ((rows - 32) ** 2 + (cols - 20 - z) ** 2 <= 144)
+                                       + rng.normal(0, 12, rows.shape), 0, 255)
+                               .astype(np.uint8)[..., None], 3, axis=-1) for z in range(depth)])
     engine = seg.video_tracker()
-    sizes = []
-    real_prune_step = engine.model.forward
+    memories, entries = [], []
+    real_forward = engine.model.forward
 
     def spy(*args, **kwargs):
-        session = kwargs["inference_session"]
-        sizes.append(max(len(o["non_cond_frame_outputs"])
-                         for o in session.output_dict_per_obj.values()))
-        return real_prune_step(*args, **kwargs)
+        for o in kwargs["inference_session"].output_dict_per_obj.values():
+            tracked = o["non_cond_frame_outputs"].values()
+            memories.append(sum("maskmem_features" in out for out in tracked))
+            entries.append(len(tracked))
+        return real_forward(*args, **kwargs)
 
     engine.model.forward = spy
     try:
-        labels = seg.propagate(deep, {2: [ObjectPrompt(points=[(30, 30)])]}, direction="forward",
-                               stop_after=10 ** 6)
+        got = {r.index: r.logits[0] for r in seg.iter_propagate(
+            deep, {first: {1: ObjectPrompt(points=[(32, 32)])}}, direction="both",
+            stop_after=10 ** 6)}
     finally:
         del engine.model.forward
-    w = engine.window
-    assert max(sizes) <= 3 * w + 2, (max(sizes), w)
-    assert labels.shape == (40, 64, 64)
+    m, p = engine.memory_reach, engine.pointer_reach
+    assert (m, p) == (2, 3)  # the tiny tracker's num_maskmem=3, max_object_pointers=4
+    # the forward pass keeps m (p) slices behind it, plus the m - 1 (p - 1) after the first
+    # prompted slice that the backward pass reads (the prompted slice itself is a
+    # conditioning output, never pruned); transformers' own loop keeps all 29
+    assert max(memories) == 2 * m - 1 and max(entries) == 2 * p - 1, (memories, entries)
+    assert memories[-1] <= m and entries[-1] <= p  # the backward pass let go of them
+    expected = recipe(video_dir, deep, {first: {1: dict(input_points=[[[[32, 32]]]],
+                                                        input_labels=[[[1]]])}})
+    assert sorted(got) == list(range(depth))
+    for k in range(depth):
+        np.testing.assert_array_equal(got[k] > 0, expected[k][1] > 0)
+        np.testing.assert_allclose(got[k], expected[k][1], rtol=0, atol=1e-4)
 
 
 def test_stop_rule_ends_propagation(seg, stack):

@@ -24,6 +24,7 @@ from .postprocess import paste_objects
 from .prompts import ObjectPrompt, PromptError, as_prompts, box_to_xyxy, rowcol_to_xy
 from .tiling import Tile
 
+_POINTER_KEYS = ("object_pointer", "object_score_logits")  # small, kept longest
 TRIM_EVERY = 32  # slices between returns of freed heap memory to the system
 
 
@@ -130,8 +131,13 @@ class Propagator:
         self.model = video_model
         self.processor = video_processor
         cfg = video_model.config
-        # how far back the tracker looks: mask memories and object pointers
-        self.window = max(cfg.num_maskmem, cfg.max_object_pointers_in_encoder)
+        # how far back the tracker looks from the slice it tracks: the mask memories of the
+        # last num_maskmem - 1 slices and the object pointers of the last
+        # max_object_pointers_in_encoder - 1 (transformers' _gather_memory_frame_outputs and
+        # _get_object_pointers read nothing else of a tracked slice)
+        self.memory_reach = cfg.num_maskmem - 1
+        self.pointer_reach = cfg.max_object_pointers_in_encoder - 1
+        self.window = max(self.memory_reach, self.pointer_reach)
         self._pos = None
 
     def position_embeddings(self, raw):
@@ -161,7 +167,9 @@ class Propagator:
         session.processed_frames = _FrameCount(len(frames))
         self.last_session = session  # for inspection (tests, benchmarks)
         session.video_height, session.video_width = padded_shape
-        protected = {k + d for k in prompted for d in range(-self.window, self.window + 1)}
+        # "both" runs backward from the slice before the first prompted one after the forward
+        # pass: that slice reads the forward pass's outputs just after it
+        anchor = in_range[0] - 1 if direction == "both" and in_range[0] > start else None
 
         def step(k: int, reverse: bool = False):
             emb = self.seg.embed_rgb(self.seg.tile_rgb(frames[k], _Grid(tile, padded_shape),
@@ -173,11 +181,20 @@ class Propagator:
                 return self.model(inference_session=session, frame_idx=k, reverse=reverse)
 
         def prune(k: int, reverse: bool):
+            # after slice k the next one is k + 1 (k - 1 in reverse); of every slice behind it,
+            # keep what a later slice still reads: all of it within the mask-memory reach, only
+            # its object pointer within the pointer reach, nothing beyond (memory flat in depth)
             for per_obj in session.output_dict_per_obj.values():
-                old = per_obj["non_cond_frame_outputs"]
-                for f in [f for f in old if f not in protected and
-                          (f > k + self.window if reverse else f < k - self.window)]:
-                    del old[f]
+                tracked = per_obj["non_cond_frame_outputs"]
+                for f in list(tracked):
+                    need = self._need((f - k if reverse else k - f) + 1)
+                    if anchor is not None and not reverse:
+                        need = max(need, self._need(f - anchor))
+                    if need == 0:
+                        del tracked[f]
+                    elif need == 1:
+                        for key in [key for key in tracked[f] if key not in _POINTER_KEYS]:
+                            del tracked[f][key]
 
         # conditioning: every prompted slice in order, one object at a time (transformers
         # keeps only the objects of the latest add_inputs call as "new")
@@ -207,6 +224,14 @@ class Propagator:
                     trim_heap()
                 if k not in prompted and all(gone.get(i, 0) >= stop_after for i in ids):
                     break
+
+    def _need(self, distance: int) -> int:
+        """What a slice ``distance`` slices behind the next one tracked is still read for:
+        2 its mask memory (and all), 1 its object pointer only, 0 nothing. Slices ahead
+        (distance < 1) are kept whole."""
+        if distance < 1 or distance <= self.memory_reach:
+            return 2
+        return 1 if distance <= self.pointer_reach else 0
 
     def _add_inputs(self, session, k, obj_id, p: ObjectPrompt, tile, padded_shape):
         local = p.shifted(tile.r0, tile.c0)
