@@ -134,6 +134,72 @@ def test_deep_stack_keeps_only_what_the_tracker_reads(seg, video_dir):
         np.testing.assert_allclose(got[k], expected[k][1], rtol=0, atol=1e-4)
 
 
+def _deep_stack(depth=30):
+    rows, cols = np.mgrid[0:64, 0:80]
+    rng = np.random.default_rng(2)
+    return np.stack([np.repeat(np.clip(
+        40 + 150 * ((rows - 32) ** 2 + (cols - 20 - z) ** 2 <= 144) + rng.normal(0, 12, rows.shape),
+        0, 255).astype(np.uint8)[..., None], 3, axis=-1) for z in range(depth)])
+
+
+def _pt(r, c):
+    return ObjectPrompt(points=[(r, c)])
+
+
+@pytest.mark.parametrize("prompts, kwargs", [
+    ({12: {1: _pt(32, 32)}}, dict(direction="both")),
+    ({8: {1: _pt(32, 28), 2: ObjectPrompt(box=(5, 50, 25, 75))}, 14: {1: _pt(32, 34)},
+      20: {2: _pt(12, 60), 3: _pt(50, 10)}}, dict(direction="both", start=3, stop=27)),
+    ({10: {1: _pt(32, 30)}, 22: {1: _pt(32, 42), 2: _pt(10, 10)}}, dict(direction="backward")),
+    ({5: {1: _pt(32, 25)}}, dict(direction="forward", stop=25)),
+])
+def test_pruning_changes_no_logit(seg, prompts, kwargs):
+    """What the pruning drops is never read: the logits equal, bit for bit, those of the
+    same loop keeping every slice (transformers' tolerance-level check above cannot see
+    a slice's memory dropped too soon on the tiny tracker: it reacts weakly to memory)."""
+    deep = _deep_stack()
+    engine = seg.video_tracker()
+
+    def run():
+        return {r.index: dict(zip(r.ids, r.logits, strict=True)) for r in seg.iter_propagate(
+            deep, prompts, stop_after=10 ** 6, **kwargs)}
+
+    pruned = run()
+    reach = engine.memory_reach, engine.pointer_reach
+    engine.memory_reach = engine.pointer_reach = 10 ** 6  # keep everything
+    try:
+        kept = run()
+    finally:
+        engine.memory_reach, engine.pointer_reach = reach
+    assert sorted(pruned) == sorted(kept) and len(pruned) > 15
+    for k in kept:
+        assert sorted(pruned[k]) == sorted(kept[k])
+        for obj_id, logits in kept[k].items():
+            np.testing.assert_array_equal(pruned[k][obj_id], logits)
+
+
+def test_objects_prompted_together_on_a_later_slice_keep_their_prompts(seg, video_dir, stack):
+    """Two objects prompted on slices 4 and 9: each object's slice-9 prompt conditions it
+    (conditioning object 1 there tracks object 2 at slice 9 first, which must not turn
+    object 2's prompt into a correction that the pass then overwrites). Objects are tracked
+    independently, so object 2 equals transformers' recipe run with object 2 alone."""
+    prompts = {4: {1: ObjectPrompt(points=[(48, 50)]), 2: ObjectPrompt(points=[(10, 100)])},
+               9: {1: ObjectPrompt(points=[(48, 75)]), 2: ObjectPrompt(box=(60, 90, 90, 125))}}
+    got = {r.index: dict(zip(r.ids, r.logits, strict=True))
+           for r in seg.iter_propagate(stack, prompts, direction="forward", stop_after=10 ** 6)}
+    session = seg.video_tracker().last_session
+    for obj_id in (1, 2):
+        idx = session.obj_id_to_idx(obj_id)
+        assert sorted(session.output_dict_per_obj[idx]["cond_frame_outputs"]) == [4, 9]
+    alone = recipe(video_dir, stack, {
+        4: {2: dict(input_points=[[[[100, 10]]]], input_labels=[[[1]]])},
+        9: {2: dict(input_boxes=[[[90, 60, 125, 90]]])}}, directions=("forward",))
+    assert sorted(got) == sorted(alone) == list(range(4, DEPTH))
+    for k in alone:
+        np.testing.assert_array_equal(got[k][2] > 0, alone[k][2] > 0)
+        np.testing.assert_allclose(got[k][2], alone[k][2], rtol=0, atol=1e-4)
+
+
 def test_stop_rule_ends_propagation(seg, stack):
     """With an unreachable score threshold every object counts as gone at once."""
     results = list(seg.iter_propagate(stack, {3: [ObjectPrompt(points=[(48, 45)])]},

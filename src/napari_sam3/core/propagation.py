@@ -24,7 +24,10 @@ from .postprocess import paste_objects
 from .prompts import ObjectPrompt, PromptError, as_prompts, box_to_xyxy, rowcol_to_xy
 from .tiling import Tile
 
-_POINTER_KEYS = ("object_pointer", "object_score_logits")  # small, kept longest
+# what later slices read of a tracked one: its object pointer and score (small, kept
+# longest) and its mask memory; never its masks
+_POINTER_KEYS = ("object_pointer", "object_score_logits")
+_MEMORY_KEYS = ("maskmem_features", "maskmem_pos_enc")
 TRIM_EVERY = 32  # slices between returns of freed heap memory to the system
 
 
@@ -137,7 +140,6 @@ class Propagator:
         # _get_object_pointers read nothing else of a tracked slice)
         self.memory_reach = cfg.num_maskmem - 1
         self.pointer_reach = cfg.max_object_pointers_in_encoder - 1
-        self.window = max(self.memory_reach, self.pointer_reach)
         self._pos = None
 
     def position_embeddings(self, raw):
@@ -182,8 +184,9 @@ class Propagator:
 
         def prune(k: int, reverse: bool):
             # after slice k the next one is k + 1 (k - 1 in reverse); of every slice behind it,
-            # keep what a later slice still reads: all of it within the mask-memory reach, only
-            # its object pointer within the pointer reach, nothing beyond (memory flat in depth)
+            # keep what a later slice still reads: its mask memory and pointer within the
+            # mask-memory reach, only its pointer within the pointer reach, nothing beyond
+            # (memory flat in depth)
             for per_obj in session.output_dict_per_obj.values():
                 tracked = per_obj["non_cond_frame_outputs"]
                 for f in list(tracked):
@@ -192,15 +195,22 @@ class Propagator:
                         need = max(need, self._need(f - anchor))
                     if need == 0:
                         del tracked[f]
-                    elif need == 1:
-                        for key in [key for key in tracked[f] if key not in _POINTER_KEYS]:
-                            del tracked[f][key]
+                        continue
+                    keep = _POINTER_KEYS if need == 1 else _POINTER_KEYS + _MEMORY_KEYS
+                    for key in [key for key in tracked[f] if key not in keep]:
+                        del tracked[f][key]  # its masks (high-res: 4 MB a slice) are never read
 
         # conditioning: every prompted slice in order, one object at a time (transformers
-        # keeps only the objects of the latest add_inputs call as "new")
+        # keeps only the objects of the latest add_inputs call as "new"). The step for one
+        # object tracks the others at k too; an object prompted at k after that would be
+        # taken as a correction of a tracked slice (not a conditioning one) and its prompt
+        # lost to the pass, so what that step tracked of it is forgotten first
         for k in prompted:
             for obj_id, p in prompts[k].items():
                 self._add_inputs(session, k, obj_id, p, tile, padded_shape)
+                idx = session.obj_id_to_idx(obj_id)
+                session.frames_tracked_per_obj[idx].pop(k, None)
+                session.output_dict_per_obj[idx]["non_cond_frame_outputs"].pop(k, None)
                 step(k)
         # "both": forward from the first prompted slice, then backward from the slice
         # before it, so every slice is tracked (and reported) once
