@@ -237,8 +237,8 @@ class Propagator:
 
     def _need(self, distance: int) -> int:
         """What a slice ``distance`` slices behind the next one tracked is still read for:
-        2 its mask memory (and all), 1 its object pointer only, 0 nothing. Slices ahead
-        (distance < 1) are kept whole."""
+        2 its mask memory and object pointer, 1 its object pointer only, 0 nothing. Slices
+        ahead (distance < 1, tracked while conditioning) keep both until a pass redoes them."""
         if distance < 1 or distance <= self.memory_reach:
             return 2
         return 1 if distance <= self.pointer_reach else 0
